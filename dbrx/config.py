@@ -1,0 +1,227 @@
+"""Model configuration: one typed dataclass mirroring the Hugging Face DBRX `config.json`, plus named presets.
+
+Presets (numbers from ../shared/REFERENCE.md):
+- ``dbrx-132b``: DBRX Base / Instruct (databricks/dbrx-base `config.json`).
+- ``dbrx-73b``, ``dbrx-35b``, ``dbrx-18b``, ``dbrx-9b``: llm-foundry's DBRX-family "gauntlet" shapes
+  (16 experts, top-4, ffn = 1.75 * d_model, 8 KV heads, clip_qkv 8, 4096 context).
+- ``dbrx-demo``: a CPU-sized model trained by ``dbrx pretrain`` on the bundled corpus.
+- ``dbrx-tiny``: the test size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+VOCAB_SIZE = 100352  # cl100k_base ids (100280 used) padded to a multiple of 256
+
+
+@dataclass
+class AttnConfig:
+    clip_qkv: float | None = 8.0  # clamp Wqkv output to [-clip, clip]; None disables
+    kv_n_heads: int = 8
+    rope_theta: float = 500000.0
+    attn_pdrop: float = 0.0
+
+
+@dataclass
+class FFNConfig:
+    ffn_hidden_size: int = 10752
+    moe_num_experts: int = 16
+    moe_top_k: int = 4
+    moe_jitter_eps: float | None = 0.0
+    moe_loss_weight: float = 0.05
+    moe_normalize_expert_weights: float | None = 1.0  # p of the p-norm dividing the top-k weights; None: no division
+    ffn_act_fn: dict = field(default_factory=lambda: {"name": "silu"})
+
+
+@dataclass
+class DbrxConfig:
+    d_model: int = 6144
+    n_heads: int = 48
+    n_layers: int = 40
+    max_seq_len: int = 32768
+    vocab_size: int = VOCAB_SIZE
+    attn_config: AttnConfig = field(default_factory=AttnConfig)
+    ffn_config: FFNConfig = field(default_factory=FFNConfig)
+    resid_pdrop: float = 0.0
+    emb_pdrop: float = 0.0
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attn_config, dict):
+            self.attn_config = AttnConfig(**_known(AttnConfig, self.attn_config))
+        if isinstance(self.ffn_config, dict):
+            self.ffn_config = FFNConfig(**_known(FFNConfig, self.ffn_config))
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def qkv_dim(self) -> int:
+        return self.d_model + 2 * self.attn_config.kv_n_heads * self.head_dim
+
+    def validate(self) -> None:
+        a, f = self.attn_config, self.ffn_config
+        for name in ("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"config: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"config: d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"config: head_dim (d_model / n_heads = {self.head_dim}) must be even for RoPE")
+        if a.kv_n_heads < 1 or self.n_heads % a.kv_n_heads:
+            raise ValueError(f"config: n_heads ({self.n_heads}) must be a multiple of kv_n_heads ({a.kv_n_heads})")
+        if a.clip_qkv is not None and a.clip_qkv <= 0:
+            raise ValueError(f"config: attn_config.clip_qkv must be positive or null, got {a.clip_qkv}")
+        if a.rope_theta <= 0:
+            raise ValueError(f"config: attn_config.rope_theta must be positive, got {a.rope_theta}")
+        if f.ffn_hidden_size < 1 or f.moe_num_experts < 1:
+            raise ValueError("config: ffn_config.ffn_hidden_size and moe_num_experts must be positive")
+        if not 1 <= f.moe_top_k <= f.moe_num_experts:
+            raise ValueError(
+                f"config: ffn_config.moe_top_k ({f.moe_top_k}) must be between 1 and moe_num_experts "
+                f"({f.moe_num_experts})"
+            )
+        if f.moe_jitter_eps is not None and not 0 <= f.moe_jitter_eps < 1:
+            raise ValueError(f"config: ffn_config.moe_jitter_eps must be in [0, 1), got {f.moe_jitter_eps}")
+        act = (f.ffn_act_fn or {}).get("name", "silu")
+        if act != "silu":
+            raise ValueError(f"config: ffn_config.ffn_act_fn {act!r} is not supported (DBRX uses silu)")
+        if self.tie_word_embeddings:
+            raise ValueError("config: tie_word_embeddings=true is not supported by DBRX (the head is untied)")
+
+    # ---- parameter counts ----------------------------------------------------------------------------
+    def num_params(self) -> dict[str, int]:
+        """Parameter counts by part, plus `total` and `active` (parameters touched per token)."""
+        d, f = self.d_model, self.ffn_config
+        attn = self.n_layers * (d * self.qkv_dim + d * d)
+        norms = self.n_layers * 2 * d + d
+        router = self.n_layers * f.moe_num_experts * d
+        experts = self.n_layers * 3 * f.moe_num_experts * f.ffn_hidden_size * d
+        embed = 2 * self.vocab_size * d  # wte + untied lm_head
+        total = attn + norms + router + experts + embed
+        active = total - experts + experts * f.moe_top_k // f.moe_num_experts
+        return dict(attention=attn, norms=norms, router=router, experts=experts, embeddings=embed,
+                    total=total, active=active)
+
+    def flops_per_token(self, seq_len: int, training: bool = True) -> float:
+        """Model FLOPs per token: 2 * active matmul params (+ causal attention), times 3 for training."""
+        n = self.num_params()
+        matmul_active = n["active"] - n["norms"] - self.vocab_size * self.d_model  # embedding lookup is free
+        attn = 2 * self.n_layers * seq_len * self.d_model  # QK^T and PV, causal (half of 2 * 2 * T * d)
+        fwd = 2 * matmul_active + attn
+        return 3 * fwd if training else fwd
+
+    def kv_cache_bytes_per_token(self, bytes_per_elem: int = 2) -> int:
+        return 2 * self.n_layers * self.attn_config.kv_n_heads * self.head_dim * bytes_per_elem
+
+    # ---- Hugging Face config.json --------------------------------------------------------------------
+    def to_hf_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(
+            architectures=["DbrxForCausalLM"],
+            model_type="dbrx",
+            # transformers 5.x builds RoPE from this top-level field and ignores attn_config.rope_theta.
+            rope_parameters={"rope_type": "default", "rope_theta": self.attn_config.rope_theta},
+            torch_dtype="bfloat16",
+            use_cache=True,
+        )
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config") -> DbrxConfig:
+        if d.get("model_type", "dbrx") != "dbrx":
+            raise ValueError(f"{source}: model_type is {d.get('model_type')!r}, not 'dbrx'")
+        missing = [k for k in ("d_model", "n_heads", "n_layers") if k not in d]
+        if missing:
+            raise ValueError(f"{source}: not a DBRX config (missing {', '.join(missing)})")
+        try:
+            return cls(**_known(cls, d))
+        except TypeError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as fh:
+            json.dump(self.to_hf_dict(), fh, indent=2)
+            fh.write("\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> DbrxConfig:
+        try:
+            with open(path) as fh:
+                d = json.load(fh)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no config.json") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        return cls.from_hf_dict(d, source=str(path))
+
+    # ---- presets -------------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> DbrxConfig:
+        """A named preset, with overrides of any field, top-level or nested (`n_layers=2`, `moe_top_k=2`)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        d = json.loads(json.dumps(PRESETS[name]))  # deep copy
+        for key, value in overrides.items():
+            if key in d or key in {f.name for f in dataclasses.fields(cls)}:
+                d[key] = value
+            elif key in {f.name for f in dataclasses.fields(AttnConfig)}:
+                d.setdefault("attn_config", {})[key] = value
+            elif key in {f.name for f in dataclasses.fields(FFNConfig)}:
+                d.setdefault("ffn_config", {})[key] = value
+            else:
+                raise ValueError(f"unknown config field {key!r} in overrides")
+        return cls(**d)
+
+
+def _known(cls, d: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+def _family(d_model: int, n_heads: int, n_layers: int) -> dict[str, Any]:
+    """llm-foundry's DBRX-family shape: 16 experts top-4, ffn 1.75 * d, 8 KV heads, 4K context."""
+    return dict(
+        d_model=d_model, n_heads=n_heads, n_layers=n_layers, max_seq_len=4096,
+        attn_config=dict(clip_qkv=8.0, kv_n_heads=8, rope_theta=500000.0),
+        ffn_config=dict(ffn_hidden_size=d_model * 7 // 4, moe_num_experts=16, moe_top_k=4, moe_jitter_eps=0.0,
+                        moe_loss_weight=0.05),
+    )
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "dbrx-132b": dict(
+        d_model=6144, n_heads=48, n_layers=40, max_seq_len=32768,
+        attn_config=dict(clip_qkv=8.0, kv_n_heads=8, rope_theta=500000.0),
+        ffn_config=dict(ffn_hidden_size=10752, moe_num_experts=16, moe_top_k=4, moe_jitter_eps=0.0,
+                        moe_loss_weight=0.05),
+    ),
+    "dbrx-73b": _family(5120, 40, 32),
+    "dbrx-35b": _family(4096, 32, 24),
+    "dbrx-18b": _family(3072, 24, 22),
+    "dbrx-9b": _family(2048, 16, 24),
+    # CPU sizes: keep DBRX's structure (fine-grained experts, top-k, GQA, clip_qkv), shrink the widths.
+    "dbrx-demo": dict(
+        d_model=256, n_heads=4, n_layers=4, max_seq_len=1024,
+        attn_config=dict(clip_qkv=8.0, kv_n_heads=2, rope_theta=500000.0),
+        ffn_config=dict(ffn_hidden_size=448, moe_num_experts=16, moe_top_k=4, moe_jitter_eps=0.0,
+                        moe_loss_weight=0.05),
+    ),
+    "dbrx-tiny": dict(
+        d_model=64, n_heads=4, n_layers=2, max_seq_len=256,
+        attn_config=dict(clip_qkv=8.0, kv_n_heads=2, rope_theta=500000.0),
+        ffn_config=dict(ffn_hidden_size=96, moe_num_experts=8, moe_top_k=2, moe_jitter_eps=0.0,
+                        moe_loss_weight=0.05),
+    ),
+}

@@ -1,0 +1,124 @@
+"""Dropless mixture-of-experts FFN: router, stacked GLU experts, load-balancing statistics.
+
+Shape legend:
+  B batch, T sequence, N = B*T tokens, D d_model, F ffn_hidden_size (per expert),
+  E experts, K experts chosen per token (top-k), R = N*K routed rows (token, slot) pairs.
+
+Every token reaches its K experts (no capacity factor, nothing dropped), so a token's output never depends on
+the other tokens of the batch. Routed rows are sorted by expert (stable) and run through grouped matmuls over
+the stacked expert weights `w1, v1, w2: (E, F, D)`; the kernels live in `dbrx.kernels.experts`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .config import DbrxConfig
+from .kernels.experts import expert_glu
+
+
+class RouterStats(NamedTuple):
+    """Per-layer routing sums over the (non-padding) tokens of a forward pass; summed over layers later."""
+
+    counts: torch.Tensor  # (E,) routed (token, slot) pairs per expert
+    prob_sum: torch.Tensor  # (E,) summed router probability per expert
+    z_sum: torch.Tensor  # () summed logsumexp(router logits)^2
+    n_tokens: torch.Tensor  # () number of tokens counted
+
+
+class Router(nn.Module):
+    def __init__(self, d_model: int, n_experts: int, jitter_eps: float | None):
+        super().__init__()
+        self.layer = nn.Linear(d_model, n_experts, bias=False)
+        self.jitter_eps = jitter_eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N, E)
+        if self.training and self.jitter_eps:
+            noise = torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+            x = x * noise  # a new tensor: the residual stream is never modified in place
+        return self.layer(x)
+
+
+class ExpertGLU(nn.Module):
+    """The stacked expert weights: out_e(x) = (silu(x @ w1_e^T) * (x @ v1_e^T)) @ w2_e."""
+
+    def __init__(self, n_experts: int, ffn_hidden_size: int, d_model: int):
+        super().__init__()
+        shape = (n_experts, ffn_hidden_size, d_model)  # (E, F, D)
+        self.w1 = nn.Parameter(torch.empty(shape))  # gate
+        self.v1 = nn.Parameter(torch.empty(shape))  # up
+        self.w2 = nn.Parameter(torch.empty(shape))  # down (not transposed)
+
+
+class Experts(nn.Module):
+    def __init__(self, cfg: DbrxConfig):
+        super().__init__()
+        f = cfg.ffn_config
+        self.mlp = ExpertGLU(f.moe_num_experts, f.ffn_hidden_size, cfg.d_model)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: DbrxConfig):
+        super().__init__()
+        f = cfg.ffn_config
+        self.n_experts, self.top_k = f.moe_num_experts, f.moe_top_k
+        self.normalize_p = f.moe_normalize_expert_weights
+        self.router = Router(cfg.d_model, f.moe_num_experts, f.moe_jitter_eps)
+        self.experts = Experts(cfg)
+        self.backend = "auto"  # see dbrx.kernels.experts.BACKENDS
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, E) logits -> probs (N, E) fp32, top-k weights (N, K) fp32, top-k expert ids (N, K)."""
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, idx = torch.topk(probs, self.top_k, dim=-1)
+        if self.normalize_p is not None:
+            weights = weights / weights.norm(p=self.normalize_p, dim=-1, keepdim=True)
+        return probs, weights, idx
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats]:
+        """x: (B, T, D); token_mask: (B, T) bool, False for padding (excluded from the statistics only)."""
+        B, T, D = x.shape
+        x_nd = x.reshape(B * T, D)  # (N, D)
+        logits = self.router(x_nd)  # (N, E)
+        probs, weights, idx = self.route(logits)
+
+        mlp = self.experts.mlp
+        y_nd = expert_glu(x_nd, weights.to(x.dtype), idx, mlp.w1, mlp.v1, mlp.w2, backend=self.backend)  # (N, D)
+
+        stats = self.stats(logits, probs, idx, token_mask)
+        return y_nd.view(B, T, D), stats
+
+    def stats(self, logits, probs, idx, token_mask) -> RouterStats:
+        N = probs.shape[0]
+        m = probs.new_ones(N) if token_mask is None else token_mask.reshape(N).to(probs.dtype)  # (N,)
+        counts = probs.new_zeros(self.n_experts).scatter_add_(
+            0, idx.reshape(-1), m.repeat_interleave(self.top_k)
+        )  # (E,)
+        prob_sum = (probs * m[:, None]).sum(0)  # (E,)
+        z_sum = (torch.logsumexp(logits.float(), dim=-1).square() * m).sum()
+        return RouterStats(counts, prob_sum, z_sum, m.sum())
+
+
+def load_balancing_loss(stats: list[RouterStats], n_experts: int) -> torch.Tensor:
+    """Switch-style loss E * sum_e f_e * P_e over all layers' routed pairs (as transformers computes it)."""
+    counts = torch.stack([s.counts for s in stats]).sum(0)  # (E,)
+    prob_sum = torch.stack([s.prob_sum for s in stats]).sum(0)  # (E,)
+    rows = torch.stack([s.n_tokens for s in stats]).sum()
+    return n_experts * torch.sum((counts / rows) * (prob_sum / rows))
+
+
+def router_z_loss(stats: list[RouterStats]) -> torch.Tensor:
+    """Mean over layers and tokens of logsumexp(router logits)^2 (ST-MoE)."""
+    return torch.stack([s.z_sum for s in stats]).sum() / torch.stack([s.n_tokens for s in stats]).sum()
+
+
+def expert_load(stats: list[RouterStats]) -> torch.Tensor:
+    """(L, E): the share of routed (token, slot) pairs each expert received, per layer."""
+    counts = torch.stack([s.counts for s in stats])  # (L, E)
+    return counts / counts.sum(-1, keepdim=True).clamp_min(1)
+
+
+__all__ = ["MoE", "Router", "RouterStats", "load_balancing_loss", "router_z_loss", "expert_load"]

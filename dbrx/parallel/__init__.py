@@ -1,0 +1,1 @@
+"""Applied to a built model from outside: activation checkpointing, compile, FSDP sharding."""
