@@ -188,6 +188,8 @@ class Tokenizer:
         """Encode ``text``. Special-token text is plain text unless allowed (``True`` or a set of names)."""
         if allow_special is False:
             return self.enc.encode_ordinary(text)
+        if isinstance(allow_special, str):
+            allow_special = {allow_special}
         allowed = set(SPECIAL_TOKENS) if allow_special is True else set(allow_special)
         for name in allowed:
             self.token_id(name)  # validate

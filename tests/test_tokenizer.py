@@ -12,6 +12,7 @@ import tiktoken.load
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import dbrx.tokenizer as tokenizer_module
 from dbrx.tokenizer import (
     DEFAULT_SYSTEM_PROMPT,
     SPECIAL_TOKENS,
@@ -71,6 +72,7 @@ def test_loads_without_network(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(tiktoken.load, "read_file", refuse)
+    tokenizer_module._load_encoding.cache_clear()  # really read the file here
     tok = Tokenizer()
     assert tok.encode("hello world") == [15339, 1917]
 
@@ -118,9 +120,16 @@ def test_matches_official_property(tok, official, text):
     assert tok.decode(ids) == text
 
 
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet=" \t\r\n\u00a0\u3000\u200baZ9'.-_😀é日", max_size=60))
+def test_matches_official_whitespace_mix(tok, official, text):
+    assert tok.encode(text) == official.encode_ordinary(text)
+
+
 @settings(max_examples=100, deadline=None)
-@given(text=st.text(alphabet=st.sampled_from(["<|im_end|>", "<|endoftext|>", "<|", "|>", "a", " ", "\n"]), max_size=30))
-def test_specials_plain_by_default(tok, text):
+@given(pieces=st.lists(st.sampled_from(["<|im_end|>", "<|endoftext|>", "<|pad|>", "<|", "|>", "a", " ", "\n"])))
+def test_specials_plain_by_default(tok, pieces):
+    text = "".join(pieces)
     ids = tok.encode(text)
     assert not any(tok.is_special(i) for i in ids)
     assert tok.decode(ids) == text
@@ -136,6 +145,7 @@ def test_allow_special(tok):
     assert tok.decode(some) == text
     with pytest.raises(ValueError):
         tok.encode(text, allow_special={"<|bogus|>"})
+    assert tok.encode(text, allow_special="<|im_end|>") == some
     assert tok.encode_batch(["hello world", text]) == [[15339, 1917], tok.encode(text)]
 
 
@@ -146,9 +156,10 @@ def test_decode(tok):
     for bad in (100280, 100351, 100256, 100261, -1):
         with pytest.raises(ValueError, match=str(bad)):
             tok.decode([15339, bad])
-    # A lone byte of a multi-byte character decodes with the replacement character.
-    partial = [i for i in range(100256) if tok.decode_bytes([i]) == b"\xf0"]
-    assert partial and tok.decode(partial) == "\ufffd"
+    # "😀" is two tokens; the first alone is an incomplete UTF-8 sequence.
+    emoji = tok.encode("😀")
+    assert emoji == [76460, 222] and tok.decode_bytes(emoji[:1]) == b"\xf0\x9f\x98"
+    assert tok.decode(emoji[:1]) == "\ufffd"
 
 
 def test_stream_decoder(tok):
@@ -160,12 +171,13 @@ def test_stream_decoder(tok):
     pieces = [stream.push(i) for i in ids] + [stream.flush()]
     assert "\ufffd" not in "".join(pieces)
     assert "".join(pieces) == tok.decode(ids) == text
-    # After a flush the decoder starts fresh; a truncated character becomes U+FFFD only at flush.
-    head = tok.decode_bytes(ids)[: len("Hi ".encode()) + 2]
-    partial = [i for i in range(100256) if tok.decode_bytes([i]) == head[-2:-1]]
-    stream.push(tok.encode("Hi ")[0])
-    assert stream.push(partial[0]) == ""
+    # An emoji split across tokens yields nothing until complete; a truncated one becomes U+FFFD at flush.
+    stream = StreamDecoder(tok)
+    assert stream.push(76460) == ""
+    assert stream.push(222) == "😀"
+    assert stream.push(76460) == ""
     assert stream.flush() == "\ufffd"
+    assert stream.push(15339) == "hello"
 
 
 def _is_utf8(data: bytes) -> bool:
@@ -194,22 +206,31 @@ EXPECTED = (
 
 def test_chat_template_string(tok):
     assert tok.apply_chat_template(CONVERSATION) == EXPECTED
-    assert tok.apply_chat_template(CONVERSATION, add_generation_prompt=False) == EXPECTED[: -len("\n<|im_start|>assistant\n")]
+    assert (
+        tok.apply_chat_template(CONVERSATION, add_generation_prompt=False)
+        == EXPECTED[: -len("\n<|im_start|>assistant\n")]
+    )
     # The system message is stripped, like DBRX Instruct's template does.
     padded = [{"role": "system", "content": "  You are a helpful assistant.\n"}] + CONVERSATION[1:]
     assert tok.apply_chat_template(padded) == EXPECTED
 
 
 def test_default_system_prompt(tok):
-    assert DEFAULT_SYSTEM_PROMPT.startswith("You are DBRX, created by Databricks. You were last updated in December 2023.")
+    assert DEFAULT_SYSTEM_PROMPT.startswith(
+        "You are DBRX, created by Databricks. You were last updated in December 2023."
+    )
     assert DEFAULT_SYSTEM_PROMPT.endswith("UNLESS THE INFORMATION IS DIRECTLY PERTINENT TO THE USER'S QUERY.")
     assert "code blocks \u2014 remember" in DEFAULT_SYSTEM_PROMPT
     msgs = [{"role": "user", "content": "Hi"}]
     assert tok.apply_chat_template(msgs) == (
         f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     )
-    assert tok.apply_chat_template(msgs, system_prompt=None) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    assert tok.apply_chat_template(msgs, system_prompt="Be terse.").startswith("<|im_start|>system\nBe terse.<|im_end|>")
+    assert (
+        tok.apply_chat_template(msgs, system_prompt=None) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert tok.apply_chat_template(msgs, system_prompt="Be terse.").startswith(
+        "<|im_start|>system\nBe terse.<|im_end|>"
+    )
 
 
 @pytest.mark.parametrize(
@@ -226,6 +247,12 @@ def test_chat_validation(tok, messages, index):
         tok.apply_chat_template(messages)
 
 
+def test_lone_surrogate_never_raises(tok):
+    assert tok.decode(tok.encode("a\ud800b")) == "a\ufffdb"
+    ids = tok.apply_chat_template([{"role": "user", "content": "x\udfffy"}], tokenize=True, system_prompt=None)
+    assert tok.decode(ids) == "<|im_start|>user\nx\ufffdy<|im_end|>\n<|im_start|>assistant\n"
+
+
 def test_chat_needs_a_turn(tok):
     with pytest.raises(ValueError):
         tok.apply_chat_template([])
@@ -235,18 +262,17 @@ def test_chat_needs_a_turn(tok):
 
 def test_chat_tokens(tok):
     ids = tok.apply_chat_template(CONVERSATION, tokenize=True)
-    # Identical to tiktoken on the rendered string, with the template's specials as real ids.
-    rendered = EXPECTED.replace("And 3+3? <|im_end|>", "And 3+3? ")
-    reference = tok.encode(rendered, allow_special=True)
-    user_text = tok.encode(" <|im_end|>")
-    assert ids[: len(reference) - 6] == reference[: len(reference) - 6]
-    specials = [(k, i) for k, i in enumerate(ids) if tok.is_special(i)]
-    assert [i for _, i in specials] == [100278, 100279] * 5 + [100278]
-    assert ids.count(100279) == 4  # the user's "<|im_end|>" text is not the special id
+    S, E, enc = 100278, 100279, tok.encode
+    expected = (
+        [S, *enc("system\nYou are a helpful assistant."), E, *enc("\n")]
+        + [S, *enc("user\nWhat is 2+2?"), E, *enc("\n")]
+        + [S, *enc("assistant\n4."), E, *enc("\n")]
+        + [S, *enc("user\nAnd 3+3? <|im_end|>"), E, *enc("\n")]
+        + [S, *enc("assistant\n")]
+    )
+    assert ids == expected
+    assert ids.count(E) == 4  # the user's "<|im_end|>" text is not the special id
     assert tok.decode(ids) == EXPECTED
-    # The user's text appears as ordinary tokens right before the real closing <|im_end|>.
-    last_close = [k for k, i in specials if i == 100279][-1]
-    assert ids[last_close - len(user_text) + 1 : last_close] == user_text[1:]
 
 
 def test_chat_tokens_match_rendered_string(tok):
