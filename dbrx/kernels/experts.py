@@ -48,8 +48,10 @@ def _glu_grouped_mm(xs, w1, v1, w2, ends):
 def _glu_loop(xs, w1, v1, w2, ends):
     sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()  # host sync: reference path only
     outs = []
-    for e, x_e in enumerate(torch.split(xs, sizes)):  # x_e: (R_e, D)
-        outs.append((F.silu(x_e @ w1[e].T) * (x_e @ v1[e].T)) @ w2[e])  # (R_e, D)
+    # unbind (not w[e]) so that backward stacks the per-expert gradients once instead of allocating a
+    # full-size zero gradient for every expert
+    for x_e, w1_e, v1_e, w2_e in zip(torch.split(xs, sizes), w1.unbind(0), v1.unbind(0), w2.unbind(0)):
+        outs.append((F.silu(x_e @ w1_e.T) * (x_e @ v1_e.T)) @ w2_e)  # (R_e, D)
     return torch.cat(outs)
 
 

@@ -1,0 +1,437 @@
+"""Hugging Face-format DBRX checkpoints: load, save and convert, safetensors only.
+
+A checkpoint directory holds `config.json` and either `model.safetensors` or shards
+`model-0000i-of-0000N.safetensors` listed in `model.safetensors.index.json`. Two expert layouts are read:
+
+- ``stacked`` (the official one): `transformer.blocks.{i}.ffn.experts.mlp.{w1,v1,w2}`, each [E*F, D];
+- ``split`` (a community re-upload): `transformer.blocks.{i}.ffn.experts.mlp_experts.{e}.{w1,v1,w2}.weight`,
+  w1 and v1 [F, D] (as `nn.Linear(D, F)`), w2 as `nn.Linear(F, D)`, i.e. stored [D, F]. A w2 stored [F, D] is
+  also accepted. When F == D the two cannot be told apart by shape and w2 is taken as stored [D, F].
+
+The layout is detected from the key names. Every other tensor maps 1:1 to our state_dict names; our experts are
+(E, F, D) tensors. Loading builds the model on the meta device and assigns tensors read one at a time from the
+memory-mapped files, so the weights are never held twice. Pickle files (`*.bin`) are never read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import DbrxConfig
+from .model import DbrxForCausalLM
+
+CONFIG_NAME = "config.json"
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+DEFAULT_SHARD_BYTES = 4 * 2**30
+LAYOUTS = ("stacked", "split")
+EXPERT_RE = re.compile(r"(transformer\.blocks\.\d+\.ffn\.experts)\.mlp\.(w1|v1|w2)")
+SPLIT_MARK = ".ffn.experts.mlp_experts."
+
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """None, a torch.dtype, or a name such as 'bf16' / 'float32' -> torch.dtype | None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32")
+    return _DTYPES[key]
+
+
+def parse_size(text: str | int) -> int:
+    """'4GB' (10^9), '4GiB' (2^30), '500MB', '1024' (bytes) -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(text), flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"invalid size {text!r}; use e.g. 4GB, 500MiB or a number of bytes")
+    unit = m.group(2).upper().rstrip("B")
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    n = int(float(m.group(1)) * scale)
+    if n < 1:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return n
+
+
+# ---- reading ------------------------------------------------------------------------------------------------
+class _Reader:
+    """Lazily opened safetensors files of one checkpoint directory; errors name the file and the tensor."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.dir = Path(path)
+        if not self.dir.is_dir():
+            raise FileNotFoundError(f"{self.dir}: checkpoint directory not found")
+        self.config = DbrxConfig.load(self.dir / CONFIG_NAME)
+        self.key_file = _weight_map(self.dir)  # tensor name -> file name
+        self._files = contextlib.ExitStack()
+        self._handles: dict[str, object] = {}
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handles.clear()
+        self._files.close()
+
+    def _open(self, fname: str):
+        if fname not in self._handles:
+            p = self.dir / fname
+            try:
+                self._handles[fname] = self._files.enter_context(safe_open(str(p), framework="pt"))
+            except SafetensorError as e:
+                raise ValueError(f"{p}: not a valid safetensors file (truncated or corrupt?): {e}") from None
+            missing = [k for k, f in self.key_file.items() if f == fname and k not in self._handles[fname].keys()]
+            if missing:
+                raise ValueError(f"{p}: the index lists tensor {missing[0]!r} in this file, but it is not there")
+        return self._handles[fname]
+
+    def where(self, key: str) -> Path:
+        return self.dir / self.key_file[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._open(self.key_file[key]).get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> torch.dtype:
+        name = self._open(self.key_file[key]).get_slice(key).get_dtype()
+        if name not in _ST_DTYPES:
+            raise ValueError(f"{self.where(key)}: tensor {key!r} has dtype {name}, expected a float type")
+        return _ST_DTYPES[name]
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._open(self.key_file[key]).get_tensor(key)
+        except SafetensorError as e:
+            raise ValueError(f"{self.where(key)}: cannot read tensor {key!r}: {e}") from None
+
+
+def _weight_map(d: Path) -> dict[str, str]:
+    """Tensor name -> file name, from the index json or the single `model.safetensors`."""
+    index = d / INDEX_NAME
+    if index.is_file():
+        try:
+            with open(index) as fh:
+                weight_map = json.load(fh)["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+            raise ValueError(f"{index}: not a valid index (expected JSON with a 'weight_map' object)") from None
+        for key, fname in weight_map.items():
+            if not isinstance(fname, str) or not (d / fname).is_file():
+                raise FileNotFoundError(f"{d / str(fname)}: shard listed in {index.name} (for tensor {key!r}) is missing")
+        return weight_map
+    single = d / SINGLE_NAME
+    if single.is_file():
+        try:
+            with safe_open(str(single), framework="pt") as f:
+                return {k: SINGLE_NAME for k in f.keys()}
+        except SafetensorError as e:
+            raise ValueError(f"{single}: not a valid safetensors file (truncated or corrupt?): {e}") from None
+    pickles = sorted(p.name for p in d.glob("*.bin")) + sorted(p.name for p in d.glob("*.pt"))
+    if pickles:
+        raise ValueError(
+            f"{d}: found only {', '.join(pickles)}; only safetensors checkpoints are supported (pickle files are "
+            f"never loaded). Convert them to {SINGLE_NAME} first."
+        )
+    raise FileNotFoundError(f"{d}: no {SINGLE_NAME} or {INDEX_NAME}")
+
+
+def detect_layout(keys) -> str:
+    """'split' when the per-expert `mlp_experts.{e}` names are used, else 'stacked'."""
+    keys = list(keys)
+    split = any(SPLIT_MARK in k for k in keys)
+    stacked = any(EXPERT_RE.fullmatch(k) for k in keys)
+    if split and stacked:
+        raise ValueError("checkpoint mixes stacked (experts.mlp.w1) and split (experts.mlp_experts.{e}) expert tensors")
+    return "split" if split else "stacked"
+
+
+def _expected_shapes(cfg: DbrxConfig) -> dict[str, tuple[int, ...]]:
+    """Our state_dict names -> shapes (experts (E, F, D)); the model is built on the meta device (instant)."""
+    model = DbrxForCausalLM.from_config(cfg, device="meta")
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _split_keys(prefix: str, w: str, n_experts: int) -> list[str]:
+    return [f"{prefix}.mlp_experts.{e}.{w}.weight" for e in range(n_experts)]
+
+
+def _source_keys(cfg: DbrxConfig, layout: str) -> dict[str, list[str]]:
+    """Our name -> the checkpoint keys it is read from, in the given layout."""
+    out = {}
+    for name in _expected_shapes(cfg):
+        m = EXPERT_RE.fullmatch(name)
+        if m and layout == "split":
+            out[name] = _split_keys(m.group(1), m.group(2), cfg.ffn_config.moe_num_experts)
+        else:
+            out[name] = [name]
+    return out
+
+
+def _check_keys(reader: _Reader, sources: dict[str, list[str]]) -> None:
+    needed = {k for keys in sources.values() for k in keys}
+    have = set(reader.key_file)
+    missing, unexpected = sorted(needed - have), sorted(have - needed)
+    where = reader.dir / (INDEX_NAME if (reader.dir / INDEX_NAME).is_file() else SINGLE_NAME)
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ValueError(f"{where}: missing tensors {', '.join(missing[:5])}{more}")
+    if unexpected:
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise ValueError(f"{where}: unexpected tensors {', '.join(unexpected[:5])}{more}")
+
+
+def _shape_error(reader: _Reader, key: str, expected, got) -> ValueError:
+    return ValueError(f"{reader.where(key)}: tensor {key!r} has shape {list(got)}, expected {list(expected)}")
+
+
+def _check_shapes(reader: _Reader, sources: dict[str, list[str]], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Check every tensor's shape from the file headers before any data is read."""
+    for name, keys in sources.items():
+        shape = shapes[name]
+        if EXPERT_RE.fullmatch(name):
+            E, F, D = shape
+            for key in keys:
+                got = reader.shape(key)
+                if len(keys) == 1 and got != (E * F, D):
+                    raise _shape_error(reader, key, (E * F, D), got)
+                if len(keys) > 1 and got != (F, D) and not (key.endswith("w2.weight") and got == (D, F)):
+                    raise _shape_error(reader, key, (D, F) if key.endswith("w2.weight") else (F, D), got)
+        elif reader.shape(keys[0]) != shape:
+            raise _shape_error(reader, keys[0], shape, reader.shape(keys[0]))
+
+
+def _read(reader: _Reader, name: str, keys: list[str], shape, dtype=None, device=None) -> torch.Tensor:
+    """Our tensor `name` (experts (E, F, D)) read from the checkpoint keys, converted to dtype/device."""
+    if len(keys) == 1:
+        return reader.get(keys[0]).view(shape).to(device=device, dtype=dtype)  # stacked [E*F, D] -> (E, F, D)
+    E, F, D = shape
+    out = torch.empty(shape, dtype=dtype or reader.dtype(keys[0]), device=device)
+    for e, key in enumerate(keys):
+        t = reader.get(key)
+        if key.endswith("w2.weight") and t.shape == (D, F):  # nn.Linear(F, D) weight; F == D lands here too
+            t = t.T  # (F, D)
+        out[e].copy_(t)
+    return out
+
+
+def _iter_our_tensors(reader: _Reader, dtype=None, device=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Validate the checkpoint, then yield (our name, tensor) one at a time."""
+    shapes = _expected_shapes(reader.config)
+    layout = detect_layout(reader.key_file)
+    sources = _source_keys(reader.config, layout)
+    _check_keys(reader, sources)
+    _check_shapes(reader, sources, shapes)
+    for name, keys in sources.items():
+        yield name, _read(reader, name, keys, shapes[name], dtype, device)
+
+
+def load_pretrained(path: str | os.PathLike, dtype=None, device=None) -> DbrxForCausalLM:
+    """Load a DBRX checkpoint directory (stacked or split expert layout) into a `DbrxForCausalLM`.
+
+    dtype: torch dtype or 'bf16' / 'fp16' / 'fp32'; default: the checkpoint's (that of `transformer.wte.weight`).
+    device: where the parameters are placed (default CPU). The model is built on the meta device and each tensor
+    is read from the memory-mapped file, converted and assigned, so the weights exist once.
+    """
+    dtype = parse_dtype(dtype)
+    with _Reader(path) as reader:
+        if dtype is None:
+            first = "transformer.wte.weight" if "transformer.wte.weight" in reader.key_file else next(iter(reader.key_file))
+            dtype = reader.dtype(first)
+        model = DbrxForCausalLM.from_config(reader.config, device="meta")
+        for name, t in _iter_our_tensors(reader, dtype, device or "cpu"):
+            mod_name, _, leaf = name.rpartition(".")
+            module = model.get_submodule(mod_name)
+            module._parameters[leaf] = nn.Parameter(t, requires_grad=module._parameters[leaf].requires_grad)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert not left, f"tensors left on the meta device after loading: {left[:5]}"
+    return model
+
+
+# ---- writing ------------------------------------------------------------------------------------------------
+# A write plan: (checkpoint key, shape, dtype, thunk producing the tensor). Thunks run one shard at a time.
+_Plan = list[tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]]
+
+
+def _plan(shapes: dict[str, tuple[int, ...]], get: Callable[[str], torch.Tensor], dtype_of: Callable[[str], torch.dtype],
+          layout: str) -> _Plan:
+    """Output keys in `layout` for our tensors `shapes`; `get(name)` returns our tensor (experts (E, F, D))."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    plan: _Plan = []
+    for name, shape in shapes.items():
+        dt = dtype_of(name)
+        m = EXPERT_RE.fullmatch(name)
+        if not m:
+            plan.append((name, shape, dt, lambda n=name: get(n)))
+        elif layout == "stacked":
+            E, F, D = shape
+            plan.append((name, (E * F, D), dt, lambda n=name, s=(E * F, D): get(n).reshape(s)))  # (E, F, D) -> [E*F, D]
+        else:
+            E, F, D = shape
+            w2 = m.group(2) == "w2"
+            for e, key in enumerate(_split_keys(m.group(1), m.group(2), E)):
+                if w2:  # stored as nn.Linear(F, D).weight: [D, F]
+                    plan.append((key, (D, F), dt, lambda n=name, e=e: get(n)[e].T))
+                else:
+                    plan.append((key, (F, D), dt, lambda n=name, e=e: get(n)[e]))
+    return plan
+
+
+def _write(plan: _Plan, path: Path, max_shard_bytes: int, progress: Callable[[str], None] | None = None) -> list[str]:
+    """Write the plan as one file or shards + index, each file written under a temp name then renamed."""
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, (_, shape, dt, _) in enumerate(plan):
+        n = torch.Size(shape).numel() * dt.itemsize
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += n
+    names = [SINGLE_NAME] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map, total = {}, 0
+    for fname, idx in zip(names, shards):
+        tensors = {}
+        for i in idx:
+            key, shape, dt, thunk = plan[i]
+            t = thunk().to(device="cpu", dtype=dt).contiguous()
+            assert tuple(t.shape) == shape, (key, t.shape, shape)
+            tensors[key] = t
+            weight_map[key] = fname
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        total += nbytes
+        _atomic(path / fname, lambda tmp, ts=tensors: save_file(ts, tmp, metadata={"format": "pt"}))
+        del tensors
+        if progress:
+            progress(f"wrote {path / fname} ({len(idx)} tensors, {nbytes / 1e9:.2f} GB)")
+    if len(names) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        _atomic(path / INDEX_NAME, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
+    _remove_stale(path, set(names) | ({INDEX_NAME} if len(names) > 1 else set()))
+    return names
+
+
+def _atomic(dst: Path, write: Callable[[str], object]) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _remove_stale(path: Path, keep: set[str]) -> None:
+    """Delete weight files of an earlier save into the same directory that the new one does not use."""
+    for p in path.iterdir():
+        if p.name not in keep and (p.name in (SINGLE_NAME, INDEX_NAME) or SHARD_RE.fullmatch(p.name)):
+            p.unlink()
+
+
+def _save_config(cfg: DbrxConfig, path: Path, dtype: torch.dtype) -> None:
+    """`cfg.to_hf_dict()` (with `rope_parameters`) plus the dtype actually written: transformers 5.x loads a model
+    in the config's `dtype` by default, so a stale "bfloat16" would silently round an fp32 checkpoint."""
+    d = cfg.to_hf_dict()
+    d["torch_dtype"] = d["dtype"] = str(dtype).removeprefix("torch.")
+    _atomic(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(d, indent=2) + "\n"))
+
+
+def save_pretrained(model: DbrxForCausalLM, path: str | os.PathLike, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                    dtype=None) -> None:
+    """Write `config.json` and the weights in the Hugging Face stacked layout (loadable by transformers).
+
+    One `model.safetensors` when everything fits in `max_shard_bytes`, else numbered shards plus
+    `model.safetensors.index.json`. Tensors are converted to `dtype` (default: as they are) one shard at a time.
+    """
+    dtype = parse_dtype(dtype)
+    state = model.state_dict()
+    metas = [k for k, v in state.items() if v.is_meta]
+    if metas:
+        raise ValueError(f"cannot save a model with tensors on the meta device (e.g. {metas[0]})")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    plan = _plan(shapes, state.__getitem__, lambda n: dtype or state[n].dtype, "stacked")
+    _write(plan, path, parse_size(max_shard_bytes))
+    _save_config(model.config, path, dtype or state["lm_head.weight"].dtype)
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, layout: str = "stacked", dtype=None,
+                       max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                       progress: Callable[[str], None] | None = None) -> list[str]:
+    """Rewrite checkpoint `src` into `dst` in the given expert layout, tensor by tensor (no model is built).
+
+    Returns the weight file names written. At most one of our (E, F, D) expert tensors is held at a time.
+    """
+    dtype = parse_dtype(dtype)
+    if Path(src).resolve() == Path(dst).resolve():
+        raise ValueError(f"{dst}: destination must differ from the source")
+    with _Reader(src) as reader:
+        cfg = reader.config
+        shapes = _expected_shapes(cfg)
+        sources = _source_keys(cfg, detect_layout(reader.key_file))
+        _check_keys(reader, sources)
+        _check_shapes(reader, sources, shapes)
+        cache: dict[str, torch.Tensor] = {}
+
+        def get(name: str) -> torch.Tensor:  # the split layout reads one expert tensor E times: keep the last
+            if name not in cache:
+                cache.clear()
+                cache[name] = _read(reader, name, sources[name], shapes[name])
+            return cache[name]
+
+        plan = _plan(shapes, get, lambda n: dtype or reader.dtype(sources[n][0]), layout)
+        out = Path(dst)
+        out.mkdir(parents=True, exist_ok=True)
+        names = _write(plan, out, parse_size(max_shard_bytes), progress)
+        _save_config(cfg, out, dtype or reader.dtype(sources["lm_head.weight"][0]))
+    return names
+
+
+# ---- CLI: dbrx convert --------------------------------------------------------------------------------------
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert",
+        help="rewrite a DBRX safetensors checkpoint (expert layout, dtype, shard size)",
+        description="Convert a Hugging Face-format DBRX checkpoint directory IN into OUT, streaming tensor by "
+        "tensor: stacked experts ([E*F, D], the official layout) or split per-expert tensors.",
+    )
+    p.add_argument("input", metavar="IN", help="source checkpoint directory")
+    p.add_argument("output", metavar="OUT", help="destination directory")
+    p.add_argument("--layout", choices=LAYOUTS, default="stacked", help="expert layout to write (default stacked)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="convert tensors (default: keep)")
+    p.add_argument("--shard-size", default="4GiB", help="largest shard, e.g. 4GB, 2GiB (default 4GiB)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    names = convert_checkpoint(args.input, args.output, layout=args.layout, dtype=args.dtype,
+                               max_shard_bytes=parse_size(args.shard_size),
+                               progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(f"wrote {len(names)} weight file(s) to {args.output}")
+    return 0
+
+
+__all__ = ["load_pretrained", "save_pretrained", "convert_checkpoint", "detect_layout", "parse_dtype", "parse_size",
+           "register", "run"]

@@ -1,0 +1,1 @@
+"""Training: data preparation and loading, pre-training and fine-tuning."""
