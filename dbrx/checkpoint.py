@@ -85,6 +85,8 @@ class _Reader:
             raise FileNotFoundError(f"{self.dir}: checkpoint directory not found")
         self.config = DbrxConfig.load(self.dir / CONFIG_NAME)
         self.key_file = _weight_map(self.dir)  # tensor name -> file name
+        if not self.key_file:
+            raise ValueError(f"{self.dir}: the checkpoint holds no tensors")
         self._files = contextlib.ExitStack()
         self._handles: dict[str, object] = {}
 
@@ -102,7 +104,8 @@ class _Reader:
                 self._handles[fname] = self._files.enter_context(safe_open(str(p), framework="pt"))
             except SafetensorError as e:
                 raise ValueError(f"{p}: not a valid safetensors file (truncated or corrupt?): {e}") from None
-            missing = [k for k, f in self.key_file.items() if f == fname and k not in self._handles[fname].keys()]
+            have = set(self._handles[fname].keys())
+            missing = [k for k, f in self.key_file.items() if f == fname and k not in have]
             if missing:
                 raise ValueError(f"{p}: the index lists tensor {missing[0]!r} in this file, but it is not there")
         return self._handles[fname]
@@ -133,12 +136,14 @@ def _weight_map(d: Path) -> dict[str, str]:
         try:
             with open(index) as fh:
                 weight_map = json.load(fh)["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
-            raise ValueError(f"{index}: not a valid index (expected JSON with a 'weight_map' object)") from None
+        except (json.JSONDecodeError, KeyError, TypeError):
+            weight_map = None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: not a valid index (expected JSON with a 'weight_map' object)")
         for key, fname in weight_map.items():
             if not isinstance(fname, str) or not (d / fname).is_file():
-                raise FileNotFoundError(f"{d / str(fname)}: shard listed in {index.name} (for tensor {key!r}) is missing")
+                raise FileNotFoundError(
+                    f"{d / str(fname)}: shard listed in {index.name} (for tensor {key!r}) is missing")
         return weight_map
     single = d / SINGLE_NAME
     if single.is_file():
@@ -256,8 +261,8 @@ def load_pretrained(path: str | os.PathLike, dtype=None, device=None) -> DbrxFor
     dtype = parse_dtype(dtype)
     with _Reader(path) as reader:
         if dtype is None:
-            first = "transformer.wte.weight" if "transformer.wte.weight" in reader.key_file else next(iter(reader.key_file))
-            dtype = reader.dtype(first)
+            dtype = reader.dtype("transformer.wte.weight" if "transformer.wte.weight" in reader.key_file
+                                 else next(iter(reader.key_file)))
         model = DbrxForCausalLM.from_config(reader.config, device="meta")
         for name, t in _iter_our_tensors(reader, dtype, device or "cpu"):
             mod_name, _, leaf = name.rpartition(".")
@@ -273,8 +278,8 @@ def load_pretrained(path: str | os.PathLike, dtype=None, device=None) -> DbrxFor
 _Plan = list[tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]]
 
 
-def _plan(shapes: dict[str, tuple[int, ...]], get: Callable[[str], torch.Tensor], dtype_of: Callable[[str], torch.dtype],
-          layout: str) -> _Plan:
+def _plan(shapes: dict[str, tuple[int, ...]], get: Callable[[str], torch.Tensor],
+          dtype_of: Callable[[str], torch.dtype], layout: str) -> _Plan:
     """Output keys in `layout` for our tensors `shapes`; `get(name)` returns our tensor (experts (E, F, D))."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")

@@ -15,11 +15,14 @@ of DBRX's 100352-row head: real ids are < 100280) are never sampled.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .model import KVCache
 
 DBRX_STOP_IDS = (100257, 100279)  # <|endoftext|>, <|im_end|>
 REAL_VOCAB_SIZE = 100280  # cl100k_base ids plus DBRX's special tokens; higher rows of the head are padding
@@ -145,14 +148,21 @@ def _decode_step(model: nn.Module, ids, slot_mask, position_ids, cache_pos) -> t
     return model(ids, attention_mask=slot_mask, position_ids=position_ids, cache_pos=cache_pos)[:, -1]
 
 
-def _compiled_step(model: nn.Module, device: torch.device):
-    """_decode_step under torch.compile; CUDA graphs ("reduce-overhead") on CUDA, default mode elsewhere."""
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    step = torch.compile(_decode_step, mode=mode, dynamic=False)
+def _make_step(model: nn.Module, device: torch.device, compile: bool):
+    """The decode step, under torch.compile with CUDA graphs ("reduce-overhead") when `compile` and on CUDA.
+
+    Elsewhere `compile` is ignored with a warning: on the CPU, tracing the fp32 grouped-mm expert kernel fails
+    (its meta function only accepts bf16), and CUDA graphs are what the flag is for.
+    """
+    if not compile:
+        return lambda *args: _decode_step(model, *args)
+    if device.type != "cuda":
+        warnings.warn(f"compile=True only applies on CUDA; decoding on {device.type} runs eagerly", stacklevel=3)
+        return lambda *args: _decode_step(model, *args)
+    step = torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)
 
     def run(*args):
-        if device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
+        torch.compiler.cudagraph_mark_step_begin()
         return step(model, *args).clone()  # the graph's output buffer is reused by the next replay
 
     return run
@@ -173,12 +183,26 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _setup_cache(model: nn.Module, batch: int, max_len: int, device: torch.device) -> None:
+    """Reuse the model's KV cache when it already has this shape (so compiled decode graphs stay valid).
+
+    Stale entries are harmless: a slot is written before the mask lets any query see it.
+    """
+    dtype = next(model.parameters()).dtype
+    caches = [m for m in model.modules() if isinstance(m, KVCache)]
+    if caches and all(c.k.shape[0] == batch and c.k.shape[2] == max_len and c.k.device == device
+                      and c.k.dtype == dtype for c in caches):
+        return
+    model.setup_cache(batch, max_len, dtype=dtype, device=device)
+
+
 def _decode_loop(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
     vocab_limit: int | None = None,
     compile: bool = False,
+    cache_len: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (ids (B,), live (B,) bool) per step; `live` is False for rows already finished before this token
     or ending on it with a stop id. Ends when every row has stopped or after max_new_tokens steps."""
@@ -188,11 +212,17 @@ def _decode_loop(
     B = len(prompts)
     lengths = [len(p) for p in prompts]
     P = max(lengths)
-    max_len = P + params.max_new_tokens
-    if max_len > cfg.max_seq_len:
+    needed = P + params.max_new_tokens
+    if needed > cfg.max_seq_len:
         raise ValueError(
-            f"longest prompt ({P} tokens) + max_new_tokens ({params.max_new_tokens}) = {max_len} exceeds the "
+            f"longest prompt ({P} tokens) + max_new_tokens ({params.max_new_tokens}) = {needed} exceeds the "
             f"model's max_seq_len {cfg.max_seq_len}"
+        )
+    max_len = needed if cache_len is None else cache_len
+    if not needed <= max_len <= cfg.max_seq_len:
+        raise ValueError(
+            f"cache_len {cache_len} must be at least longest prompt + max_new_tokens ({needed}) and at most "
+            f"max_seq_len {cfg.max_seq_len}"
         )
     limit = min(cfg.vocab_size, REAL_VOCAB_SIZE) if vocab_limit is None else vocab_limit
     device = _model_device(model)
@@ -209,10 +239,10 @@ def _decode_loop(
     seen = seen_mask(torch.where(slot_mask[:, :P].bool(), tokens, -1), cfg.vocab_size)  # (B, V)
     generator = make_generator(params, device)
 
-    model.setup_cache(B, max_len, device=device)
-    step = _compiled_step(model, device) if compile else lambda *a: _decode_step(model, *a)
-    logits = model(tokens, attention_mask=slot_mask, position_ids=position_ids, cache_pos=torch.arange(P, device=device))
-    logits = logits[:, -1]  # (B, V)
+    _setup_cache(model, B, max_len, device)
+    step = _make_step(model, device, compile)
+    slots = torch.arange(P, device=device)
+    logits = model(tokens, attention_mask=slot_mask, position_ids=position_ids, cache_pos=slots)[:, -1]  # (B, V)
     live = torch.ones(B, dtype=torch.bool, device=device)
     for t in range(params.max_new_tokens):
         ids = sample_next(logits, params, generator, seen, limit)  # (B,)
@@ -244,11 +274,13 @@ def generate_ids(
     params: SamplingParams | None = None,
     vocab_limit: int | None = None,
     compile: bool = False,
+    cache_len: int | None = None,
 ) -> list[list[int]]:
     """Generate for a batch of token-id prompts of any lengths; returns the new ids of each prompt.
 
-    Prompts are left padded into one batch: one prefill, then one token per step through the KV cache
-    (`model.setup_cache(B, longest prompt + max_new_tokens)`; the cache stays allocated afterwards). A row ends on
+    Prompts are left padded into one batch: one prefill, then one token per step through the KV cache of
+    `cache_len` slots (default longest prompt + max_new_tokens; the cache stays allocated afterwards and is reused
+    by a call with the same batch size and cache_len: keep cache_len fixed with `compile`). A row ends on
     one of params.stop_ids (not included in its output) or after max_new_tokens; finished rows keep being computed
     but their tokens are dropped, and the loop ends as soon as every row has finished. vocab_limit: ids at or
     above it are never sampled (default: min(model vocab, 100280)). compile: run the decode step under
@@ -256,7 +288,7 @@ def generate_ids(
     """
     params = params or SamplingParams()
     out: list[list[int]] = [[] for _ in prompts]
-    loop = _decode_loop(model, prompts, params, vocab_limit, compile)
+    loop = _decode_loop(model, prompts, params, vocab_limit, compile, cache_len)
     for ids, live in _in_eval_mode(model, loop):
         for i, (tok, ok) in enumerate(zip(ids.tolist(), live.tolist())):
             if ok:
@@ -270,10 +302,11 @@ def stream_ids(
     params: SamplingParams | None = None,
     vocab_limit: int | None = None,
     compile: bool = False,
+    cache_len: int | None = None,
 ) -> Iterator[int]:
-    """Yield the new token ids of one prompt as they are produced (the stop id is not yielded)."""
+    """Yield the new token ids of one prompt as they are produced (the stop id is not yielded; see generate_ids)."""
     params = params or SamplingParams()
-    loop = _decode_loop(model, [prompt], params, vocab_limit, compile)
+    loop = _decode_loop(model, [prompt], params, vocab_limit, compile, cache_len)
     for ids, live in _in_eval_mode(model, loop):
         if not live[0]:
             return
@@ -341,16 +374,18 @@ def stream_text(
     params: SamplingParams | None = None,
     chat: bool = False,
     compile: bool = False,
+    cache_len: int | None = None,
 ) -> Iterator[str]:
     """Yield the reply's text as it is produced: whole UTF-8 characters only, ending before any stop string.
 
     `prompt` is text, or a list of {"role", "content"} messages rendered with the chat template (as is a string
-    when `chat`). Ids the tokenizer cannot decode (padding rows) are never sampled.
+    when `chat`). Ids the tokenizer cannot decode (padding rows) are never sampled. compile, cache_len: see
+    generate_ids.
     """
     params = params or SamplingParams()
     ids = encode_prompt(tokenizer, prompt, chat)
     limit = min(model.config.vocab_size, getattr(tokenizer, "n_words", REAL_VOCAB_SIZE))
-    yield from stream_pieces(stream_ids(model, ids, params, limit, compile), tokenizer, params.stop_strings)
+    yield from stream_pieces(stream_ids(model, ids, params, limit, compile, cache_len), tokenizer, params.stop_strings)
 
 
 def generate_text(
@@ -360,9 +395,10 @@ def generate_text(
     params: SamplingParams | None = None,
     chat: bool = False,
     compile: bool = False,
+    cache_len: int | None = None,
 ) -> str:
     """The whole reply as one string (see stream_text)."""
-    return "".join(stream_text(model, tokenizer, prompt, params, chat, compile))
+    return "".join(stream_text(model, tokenizer, prompt, params, chat, compile, cache_len))
 
 
 __all__ = [

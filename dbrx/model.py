@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import DbrxConfig
+from .kernels import attention
 from .moe import MoE, RouterStats, expert_load, load_balancing_loss, router_z_loss
 
 CHECKPOINT_MODES = ("none", "full", "selective")
@@ -87,6 +88,8 @@ class Attention(nn.Module):
         if cache_pos is not None:
             k, v = self.cache.update(cache_pos, k, v)  # (B, kvH, Tmax, hd)
         gqa = self.n_heads != self.kv_heads
+        if attention.is_block_mask(mask):  # packed documents on CUDA: no T x T mask (dbrx.kernels.attention)
+            return self.out_proj(attention.flex_attend(q, k, v, mask, gqa).transpose(1, 2).reshape(B, T, -1))
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa,
             dropout_p=self.pdrop if self.training else 0.0,
@@ -223,7 +226,10 @@ class DbrxForCausalLM(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
             else:
                 position_ids = torch.arange(T, device=dev)[None].expand(B, T)
-        mask = build_attention_mask(T, attention_mask, doc_ids, cache_pos, dev)
+        if attention.use_flex(doc_ids, cache_pos):
+            mask = attention.doc_block_mask(doc_ids, attention_mask)
+        else:
+            mask = build_attention_mask(T, attention_mask, doc_ids, cache_pos, dev)
         token_mask = None
         if attention_mask is not None:
             token_mask = attention_mask[:, -T:].bool() if cache_pos is None else attention_mask.bool().gather(

@@ -23,8 +23,10 @@ GREEDY = SamplingParams(temperature=0, max_new_tokens=10, stop_ids=())
 
 def tiny_model(vocab_size: int = VOCAB, seed: int = 0) -> DbrxForCausalLM:
     model = DbrxForCausalLM.from_config(DbrxConfig.from_preset("dbrx-tiny", vocab_size=vocab_size), seed=seed)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(100.0)  # random weights give near-flat logits; make tokens diverse
+    with torch.no_grad():  # random init gives near-flat logits and attention: sharpen both
+        model.lm_head.weight.mul_(100.0)  # diverse tokens
+        for block in model.transformer.blocks:  # positions matter (a wrong position id changes the output)
+            block.norm_attn_norm.attn.Wqkv.weight.mul_(10.0)
     return model.eval()
 
 
@@ -135,6 +137,22 @@ def test_vocab_limit_never_sampled():
     assert all(t < 1000 for t in generate_ids(model, [[1, 2, 3]], GREEDY, vocab_limit=1000)[0])
 
 
+def test_fixed_cache_len_reuses_cache(model):
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    expected = generate_ids(model, prompts, GREEDY)
+    assert generate_ids(model, prompts, GREEDY, cache_len=64) == expected
+    cache = model.transformer.blocks[0].norm_attn_norm.attn.cache
+    assert cache.k.shape[2] == 64
+    other = [[9, 9, 9, 9, 9, 9, 9], [3]]
+    out = generate_ids(model, other, GREEDY, cache_len=64)  # stale entries from the last call must not matter
+    assert model.transformer.blocks[0].norm_attn_norm.attn.cache is cache
+    assert out == generate_ids(model, other, GREEDY)
+    with pytest.raises(ValueError, match="cache_len"):
+        generate_ids(model, prompts, GREEDY, cache_len=14)
+    with pytest.raises(ValueError, match="cache_len"):
+        generate_ids(model, prompts, GREEDY, cache_len=257)
+
+
 def test_too_long_raises_naming_numbers(model):
     with pytest.raises(ValueError, match=r"(?s)250.*10.*256"):
         generate_ids(model, [[1] * 250], SamplingParams(max_new_tokens=10))
@@ -158,7 +176,20 @@ def test_generation_restores_modes():
 def test_compile_flag_on_cpu(model):
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     p = SamplingParams(temperature=0, max_new_tokens=4, stop_ids=())
-    assert generate_ids(model, prompts, p, compile=True) == generate_ids(model, prompts, p)
+    with pytest.warns(UserWarning, match="only applies on CUDA"):
+        out = generate_ids(model, prompts, p, compile=True)
+    assert out == generate_ids(model, prompts, p)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compile_flag_on_cuda():
+    model = tiny_model().to("cuda", torch.bfloat16)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11]]
+    p = SamplingParams(temperature=0, max_new_tokens=12, stop_ids=())
+    eager = generate_ids(model, prompts, p)
+    assert generate_ids(model, prompts, p, compile=True) == eager
+    assert generate_ids(model, prompts, p, compile=True) == eager  # a second call replays the graphs
 
 
 # ---- sampling unit tests ------------------------------------------------------------------------------------

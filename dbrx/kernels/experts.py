@@ -2,19 +2,32 @@
 
 Shape legend: N tokens, D d_model, F ffn_hidden_size, E experts, K top-k, R = N*K routed rows.
 
-Backends (all exact up to floating-point rounding, all forward and backward, none loops over experts in Python
-except `loop`, the readable reference):
-  grouped_mm  torch._grouped_mm over the stacked (E, F, D) weights (CUDA, and the CPU where shapes are aligned)
-  loop        per-expert matmuls over the sorted rows; needs the group sizes on the host (reference only)
-  auto        grouped_mm when it can run the shapes, else loop
+Backends (all exact up to floating-point rounding, all forward and backward):
+  grouped_mm  torch._grouped_mm over the stacked (E, F, D) weights (CUDA bf16; the CPU where strides are 16-byte
+              aligned; under torch.compile bf16 only)
+  triton      our Triton grouped GEMMs (dbrx.kernels.triton_grouped_gemm), gate and up fused in one pass
+  dense       every expert on every token, combined with the router weights: E/K times the work, no sorting,
+              no host sync; the independent reference for tests
+  loop        per-expert matmuls over the sorted rows; needs the group sizes on the host (readable reference)
+  auto        CUDA: grouped_mm where it runs the shapes, else triton, else loop. CPU: grouped_mm where aligned,
+              else loop (dense while compiling, where a host sync would break the graph)
+
+grouped_mm and triton share one autograd.Function: it saves the routed inputs and the gate/up activations
+(not silu(gate) * up, which backward recomputes), and writes each weight gradient once as (E, F, D). No path but
+`loop` synchronises with the host, so a block compiles with torch.compile(fullgraph=True).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "grouped_mm", "loop")
+BACKENDS = ("auto", "grouped_mm", "triton", "dense", "loop")
+
+_gmm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 def sort_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -28,21 +41,151 @@ def sort_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, tor
     return order, inverse, torch.cumsum(counts, 0, dtype=torch.int32)
 
 
-def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    if not hasattr(torch, "_grouped_mm"):
+def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch's grouped matmul can run x (R, D) against w (E, F, D) here (dtype, alignment, compile)."""
+    if _gmm is None:
         return False
-    if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and x.shape[-1] % 8 == 0 and w.shape[1] % 8 == 0
-    align = 16 // x.element_size()  # the CPU kernel wants 16-byte aligned strides
-    return x.shape[-1] % align == 0 and w.shape[1] % align == 0
+    align = 16 // x.element_size()  # the kernels want 16-byte aligned strides
+    aligned = x.shape[-1] % align == 0 and w.shape[1] % align == 0
+    if x.device.type == "cuda" or torch.compiler.is_compiling():  # its meta kernel (compile) accepts bf16 only
+        return aligned and x.dtype == torch.bfloat16
+    return aligned and x.device.type == "cpu"
 
 
-def _glu_grouped_mm(xs, w1, v1, w2, ends):
-    # xs: (R, D) sorted by expert; w*: (E, F, D); ends: (E,) int32 cumulative group sizes.
-    gate = torch._grouped_mm(xs, w1.transpose(-2, -1), offs=ends)  # (R, F)
-    up = torch._grouped_mm(xs, v1.transpose(-2, -1), offs=ends)  # (R, F)
-    h = (F.silu(gate) * up).contiguous()  # (R, F)
-    return torch._grouped_mm(h, w2, offs=ends)  # (R, D)
+def triton_supported(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on x's device (CUDA, or the CPU under TRITON_INTERPRET=1)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return x.device.type == "cuda" or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def resolve_backend(backend: str, x: torch.Tensor, w: torch.Tensor) -> str:
+    """The concrete backend `auto` (or an explicit choice) means for these tensors; ValueError if it cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown expert backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        if grouped_mm_supported(x, w):
+            return "grouped_mm"
+        if x.device.type == "cuda" and triton_supported(x):
+            return "triton"
+        return "dense" if torch.compiler.is_compiling() else "loop"
+    if backend == "grouped_mm" and not grouped_mm_supported(x, w):
+        raise ValueError(
+            f"expert backend 'grouped_mm' cannot run {x.dtype} on {x.device.type} with d_model={x.shape[-1]}, "
+            f"ffn_hidden_size={w.shape[1]} (needs torch._grouped_mm, 16-byte aligned sizes, bf16 on CUDA)"
+        )
+    if backend == "triton" and not triton_supported(x):
+        raise ValueError("expert backend 'triton' needs triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
+    return backend
+
+
+# ---- grouped GEMM primitives, one set per backend ---------------------------------------------------------
+# rows_nt(a, w, ends): a (R, K) @ w_e^T with w (E, N, K) -> (R, N)     rows_nn(a, w, ends): a @ w_e, w (E, K, N)
+# up(x, w1, v1, ends) -> gate, up (R, F)                                down_t(a, a2, w, w2, ends): a @ w_e + a2 @ w2_e
+# wgrad(a, b, ends): a_e^T @ b_e -> (E, M, N)                           wgrad2(a, a2, b, ends): two of those
+def _gm_up(xs, w1, v1, ends):
+    return _gmm(xs, w1.transpose(-2, -1), offs=ends), _gmm(xs, v1.transpose(-2, -1), offs=ends)
+
+
+def _gm_rows_nn(a, w, ends):
+    return _gmm(a, w, offs=ends)
+
+
+def _gm_rows_nt(a, w, ends):
+    return _gmm(a, w.transpose(-2, -1), offs=ends)
+
+
+def _gm_dx(dg, du, w1, v1, ends):
+    return _gmm(dg, w1, offs=ends) + _gmm(du, v1, offs=ends)
+
+
+def _gm_wgrad(a, b, ends):
+    return _gmm(a.transpose(0, 1), b, offs=ends)  # (M, R) x (R, N) split by ends -> (E, M, N)
+
+
+def _bounds(ends):
+    return F.pad(ends, (1, 0))  # (E+1,) group starts and ends
+
+
+def _tr_up(xs, w1, v1, ends):
+    from . import triton_grouped_gemm as tg
+
+    g, u = tg.gmm_rows(xs, w1.transpose(-2, -1), _bounds(ends), b2=v1.transpose(-2, -1))
+    return g, u
+
+
+def _tr_rows_nn(a, w, ends):
+    from . import triton_grouped_gemm as tg
+
+    return tg.gmm_rows(a, w, _bounds(ends))[0]
+
+
+def _tr_rows_nt(a, w, ends):
+    from . import triton_grouped_gemm as tg
+
+    return tg.gmm_rows(a, w.transpose(-2, -1), _bounds(ends))[0]
+
+
+def _tr_dx(dg, du, w1, v1, ends):
+    from . import triton_grouped_gemm as tg
+
+    return tg.gmm_rows(dg, w1, _bounds(ends), a2=du, b2=v1, add=True)[0]
+
+
+def _tr_wgrad(a, b, ends):
+    from . import triton_grouped_gemm as tg
+
+    return tg.gmm_wgrad(a, b, _bounds(ends))[0]
+
+
+def _tr_wgrad2(a, a2, b, ends):
+    from . import triton_grouped_gemm as tg
+
+    c, c2 = tg.gmm_wgrad(a, b, _bounds(ends), a2=a2)
+    return c, c2
+
+
+_OPS = {
+    "grouped_mm": dict(up=_gm_up, rows_nn=_gm_rows_nn, rows_nt=_gm_rows_nt, dx=_gm_dx, wgrad=_gm_wgrad,
+                       wgrad2=lambda a, a2, b, ends: (_gm_wgrad(a, b, ends), _gm_wgrad(a2, b, ends))),
+    "triton": dict(up=_tr_up, rows_nn=_tr_rows_nn, rows_nt=_tr_rows_nt, dx=_tr_dx, wgrad=_tr_wgrad,
+                   wgrad2=_tr_wgrad2),
+}
+
+
+class _GroupedGLU(torch.autograd.Function):
+    """ys = (silu(xs @ w1_e^T) * (xs @ v1_e^T)) @ w2_e per expert group; explicit backward, weight grads (E, F, D)."""
+
+    @staticmethod
+    def forward(ctx, xs, w1, v1, w2, ends, backend: str):
+        ops = _OPS[backend]
+        gate, up = ops["up"](xs, w1, v1, ends)  # (R, F) each
+        h = F.silu(gate) * up  # (R, F)
+        ys = ops["rows_nn"](h, w2, ends)  # (R, D)
+        ctx.save_for_backward(xs, w1, v1, w2, ends, gate, up)
+        ctx.backend = backend
+        return ys
+
+    @staticmethod
+    def backward(ctx, dys):
+        xs, w1, v1, w2, ends, gate, up = ctx.saved_tensors
+        ops = _OPS[ctx.backend]
+        dys = dys.contiguous()  # an expanded (stride-0) gradient breaks the grouped kernels
+        g, u = gate.float(), up.float()
+        sig = torch.sigmoid(g)
+        silu = g * sig
+        h = (silu * u).to(xs.dtype)  # (R, F) recomputed rather than saved
+        dh = ops["rows_nt"](dys, w2, ends).float()  # (R, F) = dys @ w2_e^T
+        dgate = (dh * u * sig * (1 + g * (1 - sig))).to(xs.dtype)  # d silu(g) / dg = sig * (1 + g * (1 - sig))
+        dup = (dh * silu).to(xs.dtype)
+        need = ctx.needs_input_grad
+        dxs = ops["dx"](dgate, dup, w1, v1, ends) if need[0] else None  # (R, D)
+        dw1 = dv1 = dw2 = None
+        if need[1] or need[2]:
+            dw1, dv1 = ops["wgrad2"](dgate, dup, xs, ends)  # (E, F, D) each
+        if need[3]:
+            dw2 = ops["wgrad"](h, dys, ends)  # (E, F, D)
+        return dxs, dw1, dv1, dw2, None, None
 
 
 def _glu_loop(xs, w1, v1, w2, ends):
@@ -55,6 +198,12 @@ def _glu_loop(xs, w1, v1, w2, ends):
     return torch.cat(outs)
 
 
+def _dense(x, weights, idx, w1, v1, w2):
+    comb = weights.new_zeros(x.shape[0], w1.shape[0]).scatter(1, idx, weights)  # (N, E), zero where not routed
+    h = F.silu(torch.einsum("nd,efd->nef", x, w1)) * torch.einsum("nd,efd->nef", x, v1)  # (N, E, F)
+    return torch.einsum("nef,efd,ne->nd", h, w2, comb)  # (N, D)
+
+
 def expert_glu(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -65,13 +214,15 @@ def expert_glu(
     backend: str = "auto",
 ) -> torch.Tensor:
     """x (N, D), router weights (N, K), expert ids (N, K), w1/v1/w2 (E, F, D) -> sum_k weight * expert(x): (N, D)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown expert backend {backend!r}; known: {', '.join(BACKENDS)}")
+    backend = resolve_backend(backend, x, w1)
+    if backend == "dense":
+        return _dense(x, weights, idx, w1, v1, w2)
     N, K = idx.shape
     order, inverse, ends = sort_by_expert(idx, w1.shape[0])
     xs = x[order // K]  # (R, D) routed rows, grouped by expert
-    if backend == "auto":
-        backend = "grouped_mm" if _grouped_mm_ok(x, w1) else "loop"
-    ys = (_glu_grouped_mm if backend == "grouped_mm" else _glu_loop)(xs, w1, v1, w2, ends)  # (R, D)
+    if backend == "loop":
+        ys = _glu_loop(xs, w1, v1, w2, ends)
+    else:
+        ys = _GroupedGLU.apply(xs, w1, v1, w2, ends, backend)  # (R, D)
     ys = ys[inverse].view(N, K, -1)  # (N, K, D) back in token order
     return torch.einsum("nkd,nk->nd", ys, weights)  # (N, D)

@@ -343,6 +343,8 @@ def prepare(
             pool.terminate()
         writer.file.close()
         writer.tmp.unlink(missing_ok=True)
+    if not writer.shards:
+        raise ValueError(f"the inputs hold no non-empty documents: {[str(f) for f in files]}")
     keep = {n for s in writer.shards for n in (s["file"], s["docs_file"])}
     for f in out.iterdir():  # shards left over from an earlier, larger run
         if _SHARD_RE.match(f.name) and f.name not in keep:
@@ -528,7 +530,7 @@ class PackedSequences:
         return {"epoch": epoch, "cursor": cursor, "seed": self.seed, "epoch_tokens": self.epoch_tokens}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
-        if state.get("epoch_tokens", self.epoch_tokens) != self.epoch_tokens or state.get("seed", self.seed) != self.seed:
+        if (state.get("epoch_tokens"), state.get("seed")) != (self.epoch_tokens, self.seed):
             raise ValueError("data state was saved for a different dataset or seed; cannot resume exactly")
         self.position = int(state["epoch"]) * self.epoch_tokens + int(state["cursor"])
 
@@ -575,7 +577,7 @@ class MixtureSchedule:
             self.phases.append((float(until), {k: float(v) / total for k, v in weights.items()}))
             prev = until
         if abs(prev - 1.0) > 1e-9:
-            raise ValueError(f"schedule[{len(phases) - 1}].until must be 1.0 (the last phase ends training), got {prev}")
+            raise ValueError(f"schedule[{len(phases) - 1}].until must be 1.0 (the end of training), got {prev}")
         self.names = list(streams) if streams is not None else sorted({n for _, w in self.phases for n in w})
 
     def boundaries(self, total_steps: int) -> list[int]:
@@ -635,7 +637,8 @@ class MixtureLoader:
         if not streams:
             raise ValueError("MixtureLoader needs at least one stream")
         if len({s.seq_len for s in streams.values()}) != 1:
-            raise ValueError(f"all streams must have the same seq_len, got { {k: s.seq_len for k, s in streams.items()} }")
+            lens = {k: s.seq_len for k, s in streams.items()}
+            raise ValueError(f"all streams must have the same seq_len, got {lens}")
         if total_steps < 1 or global_batch < 1:
             raise ValueError(f"total_steps and global_batch must be positive, got {total_steps}, {global_batch}")
         self.streams = dict(streams)
@@ -645,7 +648,6 @@ class MixtureLoader:
         for _, w in schedule.phases:
             if unknown := set(w) - set(self.names):
                 raise ValueError(f"schedule names unknown streams {sorted(unknown)}; known: {self.names}")
-        schedule.names = self.names
         self.schedule, self.total_steps, self.global_batch, self.seed = schedule, total_steps, global_batch, seed
         self.seq_len = next(iter(self.streams.values())).seq_len
         self.step = 0
@@ -654,8 +656,8 @@ class MixtureLoader:
     def allocation(self, step: int) -> np.ndarray:
         """Stream index of each row of the global batch at ``step`` (deterministic in seed and step)."""
         rng = np.random.default_rng([self.seed, step, 0x313])
-        w = self.schedule.weights_at(step, self.total_steps)
-        expected = self.global_batch * np.array([w[n] for n in self.names])
+        w = self.schedule.phases[self.schedule.phase_at(step, self.total_steps)][1]
+        expected = self.global_batch * np.array([w.get(n, 0.0) for n in self.names])
         counts = np.floor(expected).astype(np.int64)
         frac = expected - counts
         extra = self.global_batch - int(counts.sum())
@@ -741,7 +743,12 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     tty = sys.stderr.isatty()
 
+    last = [0.0]
+
     def show(done: int, total: int, tokens: int) -> None:
+        if done < total and time.perf_counter() - last[0] < 0.5:
+            return
+        last[0] = time.perf_counter()
         line = f"prepare: {100 * done / max(total, 1):5.1f}% of {total / 1e6:.1f} MB, {tokens:,} tokens"
         print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
 
