@@ -225,6 +225,8 @@ def _decode_loop(
             f"max_seq_len {cfg.max_seq_len}"
         )
     limit = min(cfg.vocab_size, REAL_VOCAB_SIZE) if vocab_limit is None else vocab_limit
+    if limit < 1:
+        raise ValueError(f"vocab_limit must be >= 1, got {vocab_limit}")
     device = _model_device(model)
 
     tokens = torch.zeros(B, P, dtype=torch.long)  # (B, P) left padded with id 0 (masked out)
@@ -283,8 +285,8 @@ def generate_ids(
     by a call with the same batch size and cache_len: keep cache_len fixed with `compile`). A row ends on
     one of params.stop_ids (not included in its output) or after max_new_tokens; finished rows keep being computed
     but their tokens are dropped, and the loop ends as soon as every row has finished. vocab_limit: ids at or
-    above it are never sampled (default: min(model vocab, 100280)). compile: run the decode step under
-    torch.compile (CUDA graphs on CUDA).
+    above it are never sampled (default: min(model vocab, 100280)). compile: on CUDA, run the decode step under
+    torch.compile with CUDA graphs (elsewhere it is ignored with a warning).
     """
     params = params or SamplingParams()
     out: list[list[int]] = [[] for _ in prompts]

@@ -135,6 +135,8 @@ def test_vocab_limit_never_sampled():
         out = generate_ids(model, [[1, 2, 3]], p)[0]  # default limit: the real cl100k + DBRX ids
         assert len(out) == 10 and all(t < 100280 for t in out)
     assert all(t < 1000 for t in generate_ids(model, [[1, 2, 3]], GREEDY, vocab_limit=1000)[0])
+    with pytest.raises(ValueError, match="vocab_limit"):
+        generate_ids(model, [[1, 2, 3]], GREEDY, vocab_limit=0)
 
 
 def test_fixed_cache_len_reuses_cache(model):

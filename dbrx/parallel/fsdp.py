@@ -1,0 +1,91 @@
+"""Process groups and FSDP2 sharding, applied to a built model from outside.
+
+Under `torchrun` (RANK, WORLD_SIZE, LOCAL_RANK in the environment) `init_distributed` joins the process group
+(NCCL on CUDA, gloo on CPU); `shard_model` applies `fully_shard` to every transformer block and then to the root,
+so parameters, gradients and optimizer state are sharded over the ranks. With bf16 the policy computes in bf16
+and reduces gradients in fp32; the sharded fp32 parameters are the master weights.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+try:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+except ImportError:  # torch < 2.6
+    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group when launched by torchrun; pick this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank, world, local_rank, local_world, device)
+
+
+def shard_model(model: nn.Module, bf16: bool = False) -> nn.Module:
+    """fully_shard each block, then the root (embedding, final norm and head stay in the root's group)."""
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    blocks = model.transformer.blocks
+    for i, block in enumerate(blocks):
+        # the last block's parameters are needed again right away in backward: keep them gathered
+        fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a no-op outside a process group)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+__all__ = ["DistInfo", "init_distributed", "shard_model", "all_reduce_sum", "all_reduce_max", "barrier", "destroy"]

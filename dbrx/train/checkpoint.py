@@ -1,0 +1,257 @@
+"""Training checkpoints: atomic, keep the last K, exact resume, fall back past a corrupt one.
+
+A checkpoint is a directory `CKPT_DIR/step_00000100/` holding
+
+    model.safetensors   full (unsharded) model state
+    optim.safetensors   optimizer state tensors, keys `state/<param fqn>/<name>`
+    rng.safetensors     torch CPU (and CUDA) generator states
+    state.json          step, optimizer param groups, data loader state, Python and NumPy RNG states, any extra
+                        JSON, and the size and sha256 of each file above (written last)
+
+Nothing is pickled: tensors go to safetensors, everything else to JSON. The directory is written under a
+temporary name and renamed when complete, so a crash never leaves a half-written `step_*`. Loading checks sizes
+and checksums before touching the model; a bad checkpoint is skipped with a warning in favour of the one before.
+With FSDP every rank takes part in gathering the state (collectives); rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+STEP_RE = re.compile(r"^step_(\d{8})$")
+STATE_NAME = "state.json"
+FILES = ("model.safetensors", "optim.safetensors", "rng.safetensors")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (missing, truncated, checksum mismatch)."""
+
+
+# ---- RNG --------------------------------------------------------------------------------------------------
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, JSON) capturing the torch, CUDA, NumPy and Python generators."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, pstate, pgauss = random.getstate()
+    meta = {"numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+            "python": [version, list(pstate), pgauss]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    kind, keys, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, pstate, pgauss = meta["python"]
+    random.setstate((version, tuple(pstate), pgauss))
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, (np.ndarray, torch.Tensor)):
+        return o.tolist()
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    raise TypeError(f"cannot store {type(o).__name__} in a checkpoint's state.json")
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint directories (those with a state.json), oldest first."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := STEP_RE.match(p.name)) and (p / STATE_NAME).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def _flatten_optim(osd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, other = {}, {}
+    for fqn, state in osd["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state/{fqn}/{name}"] = value.detach().cpu().contiguous()
+            else:
+                other.setdefault(fqn, {})[name] = value
+    return tensors, {"param_groups": osd["param_groups"], "other_state": other}
+
+
+def _unflatten_optim(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[str, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        _, rest = key.split("/", 1)
+        fqn, name = rest.rsplit("/", 1)
+        state.setdefault(fqn, {})[name] = t
+    for fqn, extra in meta["other_state"].items():
+        state.setdefault(fqn, {}).update(extra)
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+# ---- save -------------------------------------------------------------------------------------------------
+def save_checkpoint(
+    ckpt_dir: str | os.PathLike,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader_state: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` atomically and delete all but the newest `keep`; returns its directory.
+
+    Must be called on every rank (gathering the sharded state is collective); only rank 0 writes.
+    """
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts)
+    root = Path(ckpt_dir)
+    final = root / f"step_{step:08d}"
+    if _is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        otensors, ometa = _flatten_optim(osd)
+        rtensors, rmeta = rng_state()
+        save_file({k: v.contiguous() for k, v in msd.items()}, tmp / "model.safetensors")
+        save_file(otensors, tmp / "optim.safetensors")
+        save_file(rtensors, tmp / "rng.safetensors")
+        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
+        state = {"step": step, "optim": ometa, "loader": loader_state, "rng": rmeta, "extra": extra or {},
+                 "files": files}
+        with open(tmp / STATE_NAME, "w") as f:
+            json.dump(state, f, default=_json_default)
+            f.flush()
+            os.fsync(f.fileno())
+        for name in FILES:
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():  # e.g. re-saving the same step after a resume
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _prune(root, keep)
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-step_*"):  # left by a process killed while writing
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+# ---- load -------------------------------------------------------------------------------------------------
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Verify and read one checkpoint into memory: {'state': json, 'model', 'optim', 'rng': tensors}."""
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE_NAME).read_text())
+        files = state["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no {STATE_NAME} (not a complete checkpoint)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / STATE_NAME}: unreadable ({e})") from None
+    for name in FILES:
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing")
+        if f.stat().st_size != files[name]["bytes"]:
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, expected {files[name]['bytes']} (truncated?)")
+        if _sha256(f) != files[name]["sha256"]:
+            raise CheckpointError(f"{f}: checksum mismatch (corrupt)")
+    try:
+        tensors = {name.split(".")[0]: load_file(path / name) for name in FILES}
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: cannot read tensors ({e})") from None
+    return {"path": path, "state": state, **tensors}
+
+
+def load_latest(ckpt_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The newest readable checkpoint in `ckpt_dir` (warning about any skipped), or None when there is none."""
+    candidates = list_checkpoints(ckpt_dir)
+    for path in reversed(candidates):
+        try:
+            return read_checkpoint(path)
+        except CheckpointError as e:
+            warnings.warn(f"skipping checkpoint {path.name}: {e}; falling back to the previous one", stacklevel=2)
+    if candidates:
+        raise CheckpointError(f"{ckpt_dir}: no usable checkpoint (all {len(candidates)} are corrupt)")
+    return None
+
+
+def resolve_resume(resume: str, ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    """`latest` (the newest usable checkpoint in ckpt_dir) or a checkpoint directory -> its read contents."""
+    if resume == "latest":
+        ckpt = load_latest(ckpt_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
+        return ckpt
+    p = Path(resume)
+    if not p.is_dir():
+        raise FileNotFoundError(f"--resume: checkpoint directory {p} not found")
+    if not (p / STATE_NAME).is_file() and list_checkpoints(p):
+        ckpt = load_latest(p)
+        assert ckpt is not None
+        return ckpt
+    return read_checkpoint(p)
+
+
+def apply_checkpoint(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load model, optimizer and RNG states (every rank; FSDP shards are taken from the full tensors).
+
+    Returns the JSON state (step, loader, extra).
+    """
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, ckpt["model"], options=opts)
+    osd = _unflatten_optim(ckpt["optim"], ckpt["state"]["optim"])
+    set_optimizer_state_dict(model, optimizer, osd, options=opts)
+    set_rng_state(ckpt["rng"], ckpt["state"]["rng"])
+    return ckpt["state"]
+
+
+__all__ = ["save_checkpoint", "read_checkpoint", "load_latest", "resolve_resume", "apply_checkpoint",
+           "list_checkpoints", "CheckpointError", "rng_state", "set_rng_state"]
