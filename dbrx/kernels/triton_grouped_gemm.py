@@ -41,6 +41,16 @@ else:
     ]
 
 
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:  # the interpreter's bf16 dot is wrong (triton 3.9): multiply in fp32 there
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
 @triton.autotune(configs=_CONFIGS, key=["N", "K", "HAS2", "ADD2", "IEEE"])
 @triton.jit
 def _rows_kernel(
@@ -48,6 +58,7 @@ def _rows_kernel(
     N, K,
     s_am, s_ak, s_be, s_bk, s_bn, s_cm, s_cn,
     E: tl.constexpr, HAS2: tl.constexpr, SHARE_A: tl.constexpr, ADD2: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -84,20 +95,14 @@ def _rows_kernel(
         b_mask = k_ok[:, None] & n_ok[None, :]
         a = tl.load(a_ptr + a_off, mask=a_mask, other=0.0)
         b = tl.load(b_ptr + b_off, mask=b_mask, other=0.0)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = _dot(a, b, acc, IEEE, UPCAST)
         if HAS2:
             if SHARE_A:
                 a2 = a
             else:
                 a2 = tl.load(a2_ptr + a_off, mask=a_mask, other=0.0)
             b2 = tl.load(b2_ptr + b_off, mask=b_mask, other=0.0)
-            if IEEE:
-                acc2 = tl.dot(a2, b2, acc2, input_precision="ieee")
-            else:
-                acc2 = tl.dot(a2, b2, acc2)
+            acc2 = _dot(a2, b2, acc2, IEEE, UPCAST)
     c_off = rows[:, None].to(tl.int64) * s_cm + cols[None, :] * s_cn
     c_mask = m_ok[:, None] & n_ok[None, :]
     if HAS2 and ADD2:
@@ -113,7 +118,7 @@ def _wgrad_kernel(
     a_ptr, a2_ptr, b_ptr, c_ptr, c2_ptr, bounds_ptr,
     M, N,
     s_ar, s_am, s_br, s_bn, s_ce, s_cm, s_cn,
-    HAS2: tl.constexpr, IEEE: tl.constexpr,
+    HAS2: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -135,16 +140,10 @@ def _wgrad_kernel(
         b = tl.load(b_ptr + rs[:, None].to(tl.int64) * s_br + ns[None, :] * s_bn,
                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         a = tl.load(a_ptr + a_off, mask=a_mask, other=0.0)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = _dot(a, b, acc, IEEE, UPCAST)
         if HAS2:
             a2 = tl.load(a2_ptr + a_off, mask=a_mask, other=0.0)
-            if IEEE:
-                acc2 = tl.dot(a2, b, acc2, input_precision="ieee")
-            else:
-                acc2 = tl.dot(a2, b, acc2)
+            acc2 = _dot(a2, b, acc2, IEEE, UPCAST)
     c_off = expert.to(tl.int64) * s_ce + ms[:, None] * s_cm + ns[None, :] * s_cn
     c_mask = m_ok[:, None] & n_ok[None, :]
     tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
@@ -186,7 +185,7 @@ def gmm_rows(
         a, b, a2, b if b2 is None else b2, c, c2, bounds,
         N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
-        E=E, HAS2=has2, SHARE_A=a2 is a, ADD2=add, IEEE=a.dtype == torch.float32,
+        E=E, HAS2=has2, SHARE_A=a2 is a, ADD2=add, IEEE=a.dtype == torch.float32, UPCAST=_INTERPRET,
     )
     return [c] if not has2 or add else [c, c2]
 
@@ -198,7 +197,9 @@ def _(a, b, bounds, a2=None, b2=None, add=False):
 
 
 @torch.library.custom_op("dbrx::triton_gmm_wgrad", mutates_args=())
-def gmm_wgrad(a: torch.Tensor, b: torch.Tensor, bounds: torch.Tensor, a2: torch.Tensor | None = None) -> list[torch.Tensor]:
+def gmm_wgrad(
+    a: torch.Tensor, b: torch.Tensor, bounds: torch.Tensor, a2: torch.Tensor | None = None
+) -> list[torch.Tensor]:
     """a (R, M), b (R, N) rows sorted by expert -> [a_e^T @ b_e] (E, M, N); with a2 also [a2_e^T @ b_e]."""
     _check(a, bounds)
     R, M = a.shape
@@ -216,7 +217,7 @@ def gmm_wgrad(a: torch.Tensor, b: torch.Tensor, bounds: torch.Tensor, a2: torch.
         a, a if a2 is None else a2, b, c, c2, bounds,
         M, N,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), c.stride(2),
-        HAS2=a2 is not None, IEEE=a.dtype == torch.float32,
+        HAS2=a2 is not None, IEEE=a.dtype == torch.float32, UPCAST=_INTERPRET,
     )
     return [c] if a2 is None else [c, c2]
 

@@ -2,7 +2,8 @@
 
 Full checkpointing keeps only each block's input and recomputes the whole block in backward (least memory,
 about a third more compute). The selective policy saves the outputs of the expensive ops (matmuls, grouped
-expert matmuls, attention) and recomputes only element-wise work (norms, rope, SiLU, clamps, routing math).
+expert matmuls including the Triton ones, SDPA attention) and recomputes only element-wise work (norms, rope,
+SiLU, clamps, routing math).
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ if hasattr(_aten, "_grouped_mm"):
 
 
 def _policy(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in _SAVE else CheckpointPolicy.PREFER_RECOMPUTE
+    # ops in the "dbrx" namespace are the Triton grouped GEMMs (dbrx.kernels.triton_grouped_gemm)
+    if op in _SAVE or getattr(op, "namespace", None) == "dbrx":
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def selective_checkpoint(fn, *args):

@@ -16,9 +16,9 @@ import torch.distributed as dist
 from torch import nn
 
 try:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 except ImportError:  # torch < 2.6
-    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 
 @dataclass
@@ -62,6 +62,8 @@ def shard_model(model: nn.Module, bf16: bool = False) -> nn.Module:
         # the last block's parameters are needed again right away in backward: keep them gathered
         fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
     fully_shard(model, mp_policy=mp)
+    if hasattr(model, "compute_loss"):  # gather the root's parameters for compute_loss as for forward
+        register_fsdp_forward_method(model, "compute_loss")
     return model
 
 

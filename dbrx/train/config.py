@@ -1,6 +1,6 @@
 """Training configuration: one YAML file mapped to nested dataclasses, with `key=value` overrides.
 
-    run_dir: runs/pretrain-demo
+    run_dir: runs/demo
     model: {preset: dbrx-demo, overrides: {}, checkpoint: null}
     data:
       streams:

@@ -1,0 +1,243 @@
+"""`dbrx bench train|prefill`: throughput, model TFLOP/s, MFU and peak memory, optionally against transformers.
+
+Model FLOPs follow ../shared/tools/hf_dbrx_baseline.py so that numbers compare with REFERENCE.md:
+  active matmul params P = attention + router + top-k experts + lm head (the embedding lookup is free)
+  train    6 * P + 6 * n_layers * d_model * T per token (fwd + bwd, causal attention)
+  prefill  2 * P per token (as the baseline); `tflops_with_attention` adds 2 * n_layers * d_model * T
+A training step is forward + backward of `compute_loss` (no optimizer step, as in the baseline). Peak memory is
+CUDA's max_memory_allocated (null on the CPU). MFU is against the device's dense bf16 peak (null when unknown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+# Dense bf16 peak TFLOP/s by device name (tensor cores, no sparsity).
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
+                    "A800": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0}
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):  # GH200 before H200
+        if key in name:
+            return PEAK_BF16_TFLOPS[key]
+    return None
+
+
+def active_matmul_params(cfg) -> int:
+    """Weights multiplied per token: attention, router, the top-k experts and the lm head."""
+    n, f = cfg.num_params(), cfg.ffn_config
+    return n["attention"] + n["router"] + n["experts"] * f.moe_top_k // f.moe_num_experts + cfg.vocab_size * cfg.d_model
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, steps: int, warmup: int, device: torch.device) -> float:
+    """Median seconds of `fn()` over `steps` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _measure(kind: str, step, cfg, batch: int, seq_len: int, steps: int, warmup: int, device, peak) -> dict:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = _time(step, steps, warmup, device)
+    tokens = batch * seq_len
+    p = active_matmul_params(cfg)
+    attn = 2 * cfg.n_layers * cfg.d_model * seq_len  # causal QK^T and PV per token, forward
+    per_token = 6 * p + 3 * attn if kind == "train" else 2 * p
+    out = dict(seconds_per_step=seconds, tokens_per_s=tokens / seconds, tflops=per_token * tokens / seconds / 1e12)
+    if kind == "prefill":
+        out["tflops_with_attention"] = (2 * p + attn) * tokens / seconds / 1e12
+    out["mfu"] = out["tflops"] / peak if peak else None
+    out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+    return out
+
+
+def _step_fn(kind: str, model, ids: torch.Tensor, hf: bool = False):
+    if kind == "train":
+        def step():
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss if hf else model.compute_loss(ids).loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+    else:
+        def step():
+            with torch.no_grad():
+                model(input_ids=ids, use_cache=False) if hf else model(ids)
+    return step
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def transformers_model(model, device: torch.device, dtype: torch.dtype):
+    """transformers' DbrxForCausalLM with our model's config and a copy of its weights (experts reshaped)."""
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("--compare transformers needs the `transformers` package") from None
+    cfg = model.config
+    if cfg.attn_config.clip_qkv is None:
+        raise ValueError("--compare transformers: transformers 5.x crashes with clip_qkv=None; set a clip value")
+    d = copy.deepcopy(cfg.to_hf_dict())
+    d["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.attn_config.rope_theta}  # see REFERENCE.md
+    d.pop("torch_dtype", None)
+    hf_cfg = transformers.DbrxConfig(**d)
+    hf_cfg._attn_implementation = "sdpa"
+    with torch.device(device), _default_dtype(dtype):
+        hf = transformers.DbrxForCausalLM(hf_cfg)
+    state = {k: v.reshape(-1, v.shape[-1]) if v.dim() == 3 else v for k, v in model.state_dict().items()}  # (E*F, D)
+    hf.load_state_dict(state, strict=True)
+    return hf.to(dtype)
+
+
+def run_bench(
+    kind: str,
+    preset: str = "dbrx-tiny",
+    overrides: dict | None = None,
+    batch: int = 1,
+    seq_len: int = 128,
+    dtype: str = "bf16",
+    compile: bool = False,
+    checkpointing: str = "none",
+    steps: int = 5,
+    warmup: int = 2,
+    backend: str = "auto",
+    device: str | None = None,
+    compare: str | None = None,
+    peak: float | None = None,
+    seed: int = 0,
+) -> dict:
+    """Benchmark one `train` step or one `prefill`; returns the report (see the module docstring)."""
+    from .cli import default_device, parse_dtype
+    from .config import DbrxConfig
+    from .kernels.experts import resolve_backend
+    from .model import CHECKPOINT_MODES, DbrxForCausalLM
+    from .parallel.compile import compile_blocks
+
+    if kind not in ("train", "prefill"):
+        raise ValueError(f"bench kind must be 'train' or 'prefill', got {kind!r}")
+    if compare not in (None, "transformers"):
+        raise ValueError(f"--compare supports only 'transformers', got {compare!r}")
+    if checkpointing not in CHECKPOINT_MODES:
+        raise ValueError(f"--checkpointing must be one of {', '.join(CHECKPOINT_MODES)}, got {checkpointing!r}")
+    for name, value in (("batch", batch), ("seq-len", seq_len), ("steps", steps)):
+        if value < 1:
+            raise ValueError(f"--{name} must be positive, got {value}")
+    if warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {warmup}")
+    cfg = DbrxConfig.from_preset(preset, **(overrides or {}))
+    if seq_len > cfg.max_seq_len:
+        raise ValueError(f"--seq-len {seq_len} exceeds the preset's max_seq_len {cfg.max_seq_len}")
+    dev = torch.device(device or default_device())
+    torch_dtype = parse_dtype(dtype)
+    peak = peak if peak is not None else peak_tflops(dev)
+
+    model = DbrxForCausalLM.from_config(cfg, device=dev, dtype=torch_dtype, seed=seed)
+    model.train(kind == "train")
+    w1 = model.transformer.blocks[0].ffn.experts.mlp.w1
+    expert_backend = resolve_backend(backend, torch.empty(1, cfg.d_model, dtype=torch_dtype, device=dev), w1)
+    for block in model.transformer.blocks:
+        block.ffn.backend = backend
+    model.set_activation_checkpointing(checkpointing)
+    if compile:
+        compile_blocks(model, fullgraph=True)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len), device=dev, generator=torch.Generator().manual_seed(seed)
+                        ) if dev.type == "cpu" else torch.randint(0, cfg.vocab_size, (batch, seq_len), device=dev)
+
+    report = dict(
+        bench=kind, preset=preset, overrides=overrides or {}, batch=batch, seq_len=seq_len, dtype=dtype,
+        device=str(dev), device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        torch=torch.__version__, date=datetime.date.today().isoformat(), compile=compile,
+        checkpointing=checkpointing, backend=backend, expert_backend=expert_backend, steps=steps, warmup=warmup,
+        params_total=cfg.num_params()["total"], active_matmul_params=active_matmul_params(cfg), peak_tflops=peak,
+    )
+    report.update(_measure(kind, _step_fn(kind, model, ids), cfg, batch, seq_len, steps, warmup, dev, peak))
+
+    if compare == "transformers":
+        import transformers
+
+        hf = transformers_model(model, dev, torch_dtype)
+        del model  # the comparison runs alone on the device, so that its peak memory is its own
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        hf.train(kind == "train")
+        hf_ckpt = checkpointing == "full" and kind == "train"
+        if hf_ckpt:
+            hf.gradient_checkpointing_enable()
+        theirs = _measure(kind, _step_fn(kind, hf, ids, hf=True), cfg, batch, seq_len, steps, warmup, dev, peak)
+        theirs.update(version=transformers.__version__, checkpointing="full" if hf_ckpt else "none", compile=False)
+        report["transformers"] = theirs
+        report["ratio_tokens_per_s"] = report["tokens_per_s"] / theirs["tokens_per_s"]
+        if report["peak_memory_gb"] and theirs["peak_memory_gb"]:
+            report["ratio_peak_memory"] = report["peak_memory_gb"] / theirs["peak_memory_gb"]
+    return report
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="measure training or prefill throughput (tokens/s, TFLOP/s, MFU, memory) as JSON",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("kind", choices=("train", "prefill"), help="a training step (fwd + bwd) or a prefill forward")
+    p.add_argument("--preset", default="dbrx-tiny", help="preset name (default dbrx-tiny)")
+    p.add_argument("--override", action="append", metavar="KEY=VALUE", help="config override, e.g. n_layers=2")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32 (default bf16)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile each block with fullgraph=True (default off)")
+    p.add_argument("--checkpointing", default="none", help="activation checkpointing: none, full or selective")
+    p.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--backend", default="auto", help="expert backend: auto, grouped_mm, triton, dense, loop")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--compare", default=None, metavar="transformers",
+                   help="also run transformers' DbrxForCausalLM on the same config and weights; print the ratio")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)")
+    p.add_argument("--seed", type=int, default=0, help="weights and tokens seed (default 0)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .cli import parse_overrides
+
+    report = run_bench(
+        args.kind, preset=args.preset, overrides=parse_overrides(args.override), batch=args.batch,
+        seq_len=args.seq_len, dtype=args.dtype, compile=args.compile, checkpointing=args.checkpointing,
+        steps=args.steps, warmup=args.warmup, backend=args.backend, device=args.device, compare=args.compare,
+        peak=args.peak_tflops, seed=args.seed,
+    )
+    print(json.dumps(report), flush=True)
+    return 0

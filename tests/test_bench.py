@@ -1,0 +1,86 @@
+"""`dbrx bench`: the JSON report on the CPU with dbrx-tiny, the transformers comparison, the CLI, user errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from dbrx.bench import active_matmul_params, run_bench, transformers_model
+from dbrx.cli import main
+from dbrx.config import DbrxConfig
+from dbrx.model import DbrxForCausalLM
+
+SMALL = {"vocab_size": 512}
+
+
+def _positive(report, *fields):
+    for f in fields:
+        assert isinstance(report[f], float) and report[f] > 0, (f, report[f])
+
+
+def test_train_report_with_transformers_comparison():
+    pytest.importorskip("transformers")
+    r = run_bench("train", "dbrx-tiny", overrides=SMALL, batch=2, seq_len=16, dtype="fp32", steps=1, warmup=0,
+                  compare="transformers")
+    _positive(r, "seconds_per_step", "tokens_per_s", "tflops", "ratio_tokens_per_s")
+    _positive(r["transformers"], "seconds_per_step", "tokens_per_s", "tflops")
+    assert r["bench"] == "train" and r["mfu"] is None and r["peak_memory_gb"] is None  # CPU: no peak known
+    assert r["expert_backend"] in ("grouped_mm", "loop")
+    cfg = DbrxConfig.from_preset("dbrx-tiny", **SMALL)
+    per_token = 6 * active_matmul_params(cfg) + 6 * cfg.n_layers * cfg.d_model * 16
+    assert r["tflops"] == pytest.approx(per_token * r["tokens_per_s"] / 1e12)
+    assert r["ratio_tokens_per_s"] == pytest.approx(r["tokens_per_s"] / r["transformers"]["tokens_per_s"])
+
+
+def test_prefill_report_mfu_with_peak_override():
+    r = run_bench("prefill", "dbrx-tiny", overrides=SMALL, seq_len=8, dtype="fp32", steps=1, warmup=0, peak=0.5)
+    _positive(r, "tokens_per_s", "tflops", "tflops_with_attention", "mfu")
+    assert r["tflops_with_attention"] > r["tflops"]
+    assert r["mfu"] == pytest.approx(r["tflops"] / 0.5)
+
+
+def test_active_params_match_the_baseline_formula():
+    cfg = DbrxConfig.from_preset("dbrx-132b", n_layers=2)
+    d, f, E, k, V, L = 6144, 10752, 16, 4, 100352, 2
+    assert active_matmul_params(cfg) == L * (d * (d + 2 * 1024) + d * d) + L * k * 3 * d * f + L * d * E + V * d
+
+
+def test_transformers_model_has_our_weights():
+    pytest.importorskip("transformers")
+    cfg = DbrxConfig.from_preset("dbrx-tiny", vocab_size=128, rope_theta=1234.0)
+    ours = DbrxForCausalLM.from_config(cfg, seed=0).eval()
+    hf = transformers_model(ours, torch.device("cpu"), torch.float32).eval()
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, ours(ids), atol=1e-5, rtol=1e-4)
+
+
+def test_cli_prints_json(capsys):
+    rc = main(["bench", "prefill", "--preset", "dbrx-tiny", "--override", "vocab_size=256", "--seq-len", "8",
+               "--steps", "1", "--warmup", "0", "--dtype", "fp32", "--backend", "loop"])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["bench"] == "prefill" and r["backend"] == "loop" and r["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(compare="vllm"), "--compare"),
+    (dict(checkpointing="some"), "--checkpointing"),
+    (dict(batch=0), "--batch"),
+    (dict(seq_len=10_000), "max_seq_len"),
+    (dict(backend="magic"), "unknown expert backend"),
+])
+def test_user_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run_bench("train", "dbrx-tiny", **{"overrides": SMALL, "steps": 1, "warmup": 0, **kwargs})
+
+
+def test_gpu_script_is_valid_bash():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_gpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    assert "dbrx-132b" in text and "dbrx-9b" in text and "--compare transformers" in text
