@@ -49,6 +49,7 @@ def by_step_after_last_resume(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in lines[last:] if "event" not in r}
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_continues_exactly(tmp_path):
     steps = 24
     ref = tiny_train_config(tmp_path / "ref", train={"steps": steps}, checkpoint={"interval": 3, "keep": 2})

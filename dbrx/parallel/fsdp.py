@@ -56,7 +56,9 @@ def init_distributed() -> DistInfo:
 
 def shard_model(model: nn.Module, bf16: bool = False) -> nn.Module:
     """fully_shard each block, then the root (embedding, final norm and head stay in the root's group)."""
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy()
+    if bf16:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     blocks = model.transformer.blocks
     for i, block in enumerate(blocks):
         # the last block's parameters are needed again right away in backward: keep them gathered

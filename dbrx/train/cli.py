@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .config import load_config
 
@@ -33,7 +34,7 @@ def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("args", nargs="*", metavar="[CONFIG] KEY=VALUE",
                    help="a YAML config (default: the packaged demo config) then overrides with dotted keys, "
-                        "e.g. train.steps=50 optim.lr=1e-3 model.preset=dbrx-tiny")
+                        "e.g. train.steps=50 optim.lr=1e-3 model.preset=dbrx-tiny (options go before these)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint of the run (or from the given checkpoint directory)")
     p.add_argument("--overwrite", action="store_true", help="start again, deleting the run's old checkpoints")
@@ -65,14 +66,26 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_plot)
 
 
+def _resume_arg(args: argparse.Namespace) -> list[str]:
+    """`--resume train.steps=50` means resume the latest and override: give the override back."""
+    if args.resume and args.resume != "latest" and "=" in args.resume and not Path(args.resume).exists():
+        extra, args.resume = [args.resume], "latest"
+        return extra
+    return []
+
+
 def run_pretrain(args: argparse.Namespace) -> int:
+    extra = _resume_arg(args)
     config, overrides = _split_args(args.args)
+    overrides += extra
     cfg = load_config(config, overrides, default="pretrain-demo")
     return _train(cfg, "pretrain", args)
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    extra = _resume_arg(args)
     config, overrides = _split_args(args.args)
+    overrides += extra
     if args.model:
         overrides.append(f"model.checkpoint={args.model}")
     cfg = load_config(config, overrides, default="finetune-demo")

@@ -37,7 +37,7 @@ def detect_peak_flops(device: torch.device, setting: float | str | None = "auto"
     return measure_cpu_matmul_flops()
 
 
-def measure_cpu_matmul_flops(n: int = 512, repeats: int = 6) -> float:
+def measure_cpu_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
     """Best fp32 FLOP/s of an n x n matmul on this CPU with the current thread count (a nominal peak)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b  # warm-up
