@@ -212,12 +212,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dbrx-18b": _family(3072, 24, 22),
     "dbrx-9b": _family(2048, 16, 24),
     # CPU sizes: keep DBRX's structure (fine-grained experts, top-k, GQA, clip_qkv), shrink the widths.
-    # dbrx-demo: d_model 128 so that `dbrx pretrain` (160 steps x 1024 tokens) takes ~4-5 min on 2 CPU cores;
-    # the untied 100352-row head dominates its FLOPs.
+    # dbrx-demo: d_model 64 so that `dbrx pretrain` (300 steps x 1024 tokens) takes a few minutes on 2 CPU cores;
+    # the untied 100352-row head dominates its FLOPs (at d_model 128 the same time buys half the tokens).
     "dbrx-demo": dict(
-        d_model=128, n_heads=4, n_layers=4, max_seq_len=1024,
+        d_model=64, n_heads=4, n_layers=4, max_seq_len=1024,
         attn_config=dict(clip_qkv=8.0, kv_n_heads=2, rope_theta=500000.0),
-        ffn_config=dict(ffn_hidden_size=224, moe_num_experts=16, moe_top_k=4, moe_jitter_eps=0.0,
+        ffn_config=dict(ffn_hidden_size=112, moe_num_experts=16, moe_top_k=4, moe_jitter_eps=0.0,
                         moe_loss_weight=0.05),
     ),
     "dbrx-tiny": dict(

@@ -11,6 +11,7 @@ held-out split, Ctrl-C handling, and at the end the Hugging Face-format export, 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import math
@@ -30,6 +31,7 @@ from torch import nn
 from dbrx.config import DbrxConfig
 from dbrx.model import DbrxForCausalLM
 from dbrx.parallel import fsdp
+from dbrx.parallel.compile import compile_blocks
 
 from . import checkpoint as ckpt_lib
 from .config import OptimSection, TrainConfig, resolve_path
@@ -133,6 +135,22 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory instead of returning it to the OS (CPU training only).
+
+    Each step allocates and frees logits of tokens x 100352 floats (hundreds of MB); by default glibc serves such
+    blocks with fresh mmaps, so every step pays page faults to zero them again (measured on the demo: 1.0-1.2 s a
+    step -> 0.78-0.85 s). A no-op where glibc's mallopt is not available.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 2**31 - 1)
+        libc.mallopt(m_trim_threshold, 2**31 - 1)
+    except (OSError, AttributeError):
+        pass
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("DBRX_CACHE", Path.home() / ".cache" / "dbrx")) / "prepared"
 
@@ -156,6 +174,7 @@ class Trainer:
         self._check_run_dir(resume, overwrite)
         self.device = self.dist.device
         if self.device.type == "cpu":
+            keep_freed_memory()
             torch.set_num_threads(t.num_threads or max(1, _cpu_count() // self.dist.local_world))
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         self.accum = t.global_batch // (t.micro_batch * self.dist.world)
@@ -249,8 +268,7 @@ class Trainer:
             model = DbrxForCausalLM.from_config(self.mcfg, seed=t.seed)
         model.set_activation_checkpointing(t.activation_checkpointing)
         if t.compile:
-            for block in model.transformer.blocks:
-                block.compile()
+            compile_blocks(model)  # after set_activation_checkpointing: the checkpoint moves inside the compile
         if self.dist.distributed:
             fsdp.shard_model(model, bf16=self.bf16)  # moves each rank's shards to its device
         else:
