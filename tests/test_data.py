@@ -63,7 +63,7 @@ def test_prepare_parallel_chunked_output_identical(inputs, tmp_path, tok, monkey
     assert r1["shards"] == r2["shards"] and len(r1["shards"]) > 2
     assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
     assert r1["documents"] == len(TEXTS) + len(JSONL_DOCS)
-    assert [x["sha256"] for x in r1["inputs"]] == [data._sha256_file(p) for p in inputs]
+    assert [x["sha256"] for x in r1["inputs"]] == [data.sha256_file(p) for p in inputs]
 
     ds = TokenDataset(tmp_path / "a", verify=True)
     np.testing.assert_array_equal(ds.tokens(), expected_tokens(tok))
@@ -202,8 +202,8 @@ def make_dataset(path, lengths, start=1) -> TokenDataset:
     arr.tofile(path / "shard_00000.bin")
     np.save(path / "shard_00000.docs.npy", np.cumsum(lengths).astype(np.int64))
     shard = {"file": "shard_00000.bin", "docs_file": "shard_00000.docs.npy", "tokens": len(arr),
-             "documents": len(lengths), "sha256": data._sha256_file(path / "shard_00000.bin"),
-             "docs_sha256": data._sha256_file(path / "shard_00000.docs.npy")}
+             "documents": len(lengths), "sha256": data.sha256_file(path / "shard_00000.bin"),
+             "docs_sha256": data.sha256_file(path / "shard_00000.docs.npy")}
     index = {"version": 1, "settings": {}, "inputs": [], "documents": len(lengths), "tokens": len(arr),
              "shards": [shard]}
     (path / "index.json").write_text(json.dumps(index))

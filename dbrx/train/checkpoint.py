@@ -16,7 +16,6 @@ With FSDP every rank takes part in gathering the state (collectives); rank 0 wri
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -38,6 +37,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+from .data import sha256_file
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 STATE_NAME = "state.json"
@@ -72,14 +73,6 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _json_default(o: Any) -> Any:
     if isinstance(o, np.integer):
         return int(o)
@@ -157,7 +150,7 @@ def save_checkpoint(
         save_file({k: v.contiguous() for k, v in msd.items()}, tmp / "model.safetensors")
         save_file(otensors, tmp / "optim.safetensors")
         save_file(rtensors, tmp / "rng.safetensors")
-        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
+        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in FILES}
         state = {"step": step, "optim": ometa, "loader": loader_state, "rng": rmeta, "extra": extra or {},
                  "files": files}
         with open(tmp / STATE_NAME, "w") as f:
@@ -201,7 +194,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointError(f"{f}: missing")
         if f.stat().st_size != files[name]["bytes"]:
             raise CheckpointError(f"{f}: {f.stat().st_size} bytes, expected {files[name]['bytes']} (truncated?)")
-        if _sha256(f) != files[name]["sha256"]:
+        if sha256_file(f) != files[name]["sha256"]:
             raise CheckpointError(f"{f}: checksum mismatch (corrupt)")
     try:
         tensors = {name.split(".")[0]: load_file(path / name) for name in FILES}

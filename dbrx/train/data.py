@@ -68,7 +68,7 @@ class _Unit(NamedTuple):
     size: int  # bytes, for progress
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -242,7 +242,7 @@ class _ShardWriter:
             "tokens": self.n,
             "documents": len(ends),
             "sha256": self.hash.hexdigest(),
-            "docs_sha256": _sha256_file(self.out_dir / f"{self.name}.docs.npy"),
+            "docs_sha256": sha256_file(self.out_dir / f"{self.name}.docs.npy"),
         })
         self._open()
 
@@ -266,7 +266,7 @@ def _up_to_date(out_dir: Path, inputs: list[dict], settings: dict) -> dict | Non
             return None
         for s in index["shards"]:
             for name, digest in ((s["file"], s["sha256"]), (s["docs_file"], s["docs_sha256"])):
-                if not (out_dir / name).is_file() or _sha256_file(out_dir / name) != digest:
+                if not (out_dir / name).is_file() or sha256_file(out_dir / name) != digest:
                     return None
             if (out_dir / s["file"]).stat().st_size != 4 * s["tokens"]:
                 return None
@@ -307,7 +307,7 @@ def prepare(
     records = []
     for f in files:
         try:
-            records.append({"path": str(f.resolve()), "bytes": f.stat().st_size, "sha256": _sha256_file(f)})
+            records.append({"path": str(f.resolve()), "bytes": f.stat().st_size, "sha256": sha256_file(f)})
         except PermissionError:
             raise ValueError(f"{f}: cannot read input (permission denied)") from None
         except IsADirectoryError:
@@ -430,7 +430,7 @@ class TokenDataset:
         """Check every shard against the sha256 in the index (reads all data); ValueError naming a bad shard."""
         for s in self.index["shards"]:
             for name, digest in ((s["file"], s["sha256"]), (s["docs_file"], s["docs_sha256"])):
-                if _sha256_file(self.path / name) != digest:
+                if sha256_file(self.path / name) != digest:
                     raise ValueError(f"checksum mismatch for {self.path / name}; re-run `dbrx prepare`")
 
     @property
