@@ -6,6 +6,8 @@ Model FLOPs follow ../shared/tools/hf_dbrx_baseline.py so that numbers compare w
   prefill  2 * P per token (as the baseline); `tflops_with_attention` adds 2 * n_layers * d_model * T
 A training step is forward + backward of `compute_loss` (no optimizer step, as in the baseline). Peak memory is
 CUDA's max_memory_allocated (null on the CPU). MFU is against the device's dense bf16 peak (null when unknown).
+With `--compare transformers`, `logits_rel_err` is |ours - theirs| / |theirs| over the last 8 positions' logits of
+the benchmark's tokens (about 1e-2 in bf16 when both compute the same function).
 """
 
 from __future__ import annotations
@@ -90,6 +92,12 @@ def _step_fn(kind: str, model, ids: torch.Tensor, hf: bool = False):
     return step
 
 
+def _last_logits(kind: str, forward) -> torch.Tensor:
+    """The last 8 positions' logits (B, 8, V) as fp32 on the CPU, in the grad mode that the timed steps used."""
+    with torch.set_grad_enabled(kind == "train"):  # same mode as the steps: no recompilation of compiled blocks
+        return forward()[:, -8:].detach().float().cpu()
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype):
     old = torch.get_default_dtype()
@@ -118,7 +126,9 @@ def transformers_model(model, device: torch.device, dtype: torch.dtype):
         hf = transformers.DbrxForCausalLM(hf_cfg)
     state = {k: v.reshape(-1, v.shape[-1]) if v.dim() == 3 else v for k, v in model.state_dict().items()}  # (E*F, D)
     hf.load_state_dict(state, strict=True)
-    return hf.to(dtype)
+    # Built under the default dtype, the parameters are already `dtype`; no `hf.to(dtype)`, which would also round
+    # the rotary `inv_freq` buffers (fp32 in transformers) to bf16 and shift the logits at long positions.
+    return hf
 
 
 def run_bench(
@@ -187,8 +197,11 @@ def run_bench(
     if compare == "transformers":
         import transformers
 
+        ours = _last_logits(kind, lambda: model(ids))  # the same weights and tokens must give the same logits
         hf = transformers_model(model, dev, torch_dtype)
-        del model  # the comparison runs alone on the device, so that its peak memory is its own
+        del model, w1  # the comparison runs alone on the device, so that its peak memory is its own
+        if compile:
+            torch._dynamo.reset()  # compiled code and its caches may still hold our blocks
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -198,6 +211,8 @@ def run_bench(
             hf.gradient_checkpointing_enable()
         theirs = _measure(kind, _step_fn(kind, hf, ids, hf=True), cfg, batch, seq_len, steps, warmup, dev, peak)
         theirs.update(version=transformers.__version__, checkpointing="full" if hf_ckpt else "none", compile=False)
+        ref = _last_logits(kind, lambda: hf(input_ids=ids, use_cache=False).logits)
+        report["logits_rel_err"] = float((ours - ref).norm() / ref.norm())  # bf16: about 1e-2 when both agree
         report["transformers"] = theirs
         report["ratio_tokens_per_s"] = report["tokens_per_s"] / theirs["tokens_per_s"]
         if report["peak_memory_gb"] and theirs["peak_memory_gb"]:

@@ -218,9 +218,9 @@ def _check_shapes(reader: _Reader, sources: dict[str, list[str]], shapes: dict[s
             E, F, D = shape
             for key in keys:
                 got = reader.shape(key)
-                if len(keys) == 1 and got != (E * F, D):
+                if SPLIT_MARK not in key and got != (E * F, D):
                     raise _shape_error(reader, key, (E * F, D), got)
-                if len(keys) > 1 and got != (F, D) and not (key.endswith("w2.weight") and got == (D, F)):
+                if SPLIT_MARK in key and got != (F, D) and not (key.endswith("w2.weight") and got == (D, F)):
                     raise _shape_error(reader, key, (D, F) if key.endswith("w2.weight") else (F, D), got)
         elif reader.shape(keys[0]) != shape:
             raise _shape_error(reader, keys[0], shape, reader.shape(keys[0]))
@@ -228,8 +228,8 @@ def _check_shapes(reader: _Reader, sources: dict[str, list[str]], shapes: dict[s
 
 def _read(reader: _Reader, name: str, keys: list[str], shape, dtype=None, device=None) -> torch.Tensor:
     """Our tensor `name` (experts (E, F, D)) read from the checkpoint keys, converted to dtype/device."""
-    if len(keys) == 1:
-        return reader.get(keys[0]).view(shape).to(device=device, dtype=dtype)  # stacked [E*F, D] -> (E, F, D)
+    if SPLIT_MARK not in keys[0]:  # a non-expert tensor, or stacked experts [E*F, D] -> (E, F, D)
+        return reader.get(keys[0]).view(shape).to(device=device, dtype=dtype)
     E, F, D = shape
     out = torch.empty(shape, dtype=dtype or reader.dtype(keys[0]), device=device)
     for e, key in enumerate(keys):

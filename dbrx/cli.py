@@ -21,21 +21,12 @@ import sys
 
 import torch
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
+from .checkpoint import parse_dtype  # one dtype parser for the package (dbrx.bench imports it from here)
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage dump
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def parse_overrides(items: list[str] | None) -> dict:
@@ -70,12 +61,15 @@ def resolve_config(name_or_dir: str, overrides: dict | None = None):
     raise ValueError(f"{name_or_dir!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
 
 
-def _human(n: float, unit: str = "B") -> str:
-    for prefix in ("", "K", "M", "G", "T"):
-        if abs(n) < 1024 or prefix == "T":
-            return f"{n:.1f} {prefix}{unit}" if prefix else f"{n:.0f} {unit}"
+def _human(n: float) -> str:
+    """Bytes in binary units: 163840 -> '160.0 KiB'."""
+    if abs(n) < 1024:
+        return f"{n:.0f} B"
+    for prefix in ("Ki", "Mi", "Gi", "Ti"):
         n /= 1024
-    return f"{n:.1f} T{unit}"
+        if abs(n) < 1024:
+            break
+    return f"{n:.1f} {prefix}B"
 
 
 # ---- info -----------------------------------------------------------------------------------------------
@@ -164,6 +158,8 @@ def cmd_generate(args) -> int:
     from .generate import stream_text
 
     params = _sampling(args)  # validate before the (slow) model load
+    if args.system is not None and not args.chat:
+        raise ValueError("--system only applies with --chat")
     model, tok = _load_for_inference(args)
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     if args.chat and args.system is not None:
@@ -200,10 +196,15 @@ def cmd_chat(args) -> int:
         messages.append({"role": "user", "content": line})
         sys.stdout.write("dbrx> ")
         reply = []
-        for piece in stream_text(model, tok, messages, params, chat=True):
-            reply.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        try:
+            for piece in stream_text(model, tok, messages, params, chat=True):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except ValueError as e:  # e.g. the conversation no longer fits in max_seq_len: keep the session
+            messages.pop()
+            print(f"\ndbrx chat: error: {e} (/reset starts over)", file=sys.stderr)
+            continue
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})
 
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (ValueError, OSError) as e:  # user mistakes, missing or unreadable files
         print(f"dbrx {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

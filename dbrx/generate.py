@@ -9,7 +9,8 @@ Plain functions in the gpt-fast style. The layers:
 
 Output conventions: the stop id that ends a sequence is not included in its output, and a stop string is not
 included in the text (generation ends at its first occurrence). Ids at or above `vocab_limit` (the padding rows
-of DBRX's 100352-row head: real ids are < 100280) are never sampled.
+of DBRX's 100352-row head: real ids are < 100280) are never sampled, nor are the ids below it that are no token
+(`UNUSED_IDS`).
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ import torch
 from torch import nn
 
 from .model import KVCache
+from .tokenizer import DEFAULT_SYSTEM_PROMPT
 
 DBRX_STOP_IDS = (100257, 100279)  # <|endoftext|>, <|im_end|>
 REAL_VOCAB_SIZE = 100280  # cl100k_base ids plus DBRX's special tokens; higher rows of the head are padding
+UNUSED_IDS = (100256, *range(100261, 100276))  # gaps in cl100k_base's ids below 100280: no token, cannot be decoded
 
 
 # ---- sampling -----------------------------------------------------------------------------------------------
@@ -176,7 +179,7 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
             raise ValueError(f"prompt {i} must be a non-empty list of token ids")
         bad = [t for t in p if not isinstance(t, int) or not 0 <= t < vocab_size]
         if bad:
-            raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}")
+            raise ValueError(f"prompt {i} has token ids that are not ints in [0, {vocab_size}): {bad[:5]}")
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -228,6 +231,7 @@ def _decode_loop(
     if limit < 1:
         raise ValueError(f"vocab_limit must be >= 1, got {vocab_limit}")
     device = _model_device(model)
+    unused = torch.tensor([i for i in UNUSED_IDS if i < limit], dtype=torch.long, device=device)
 
     tokens = torch.zeros(B, P, dtype=torch.long)  # (B, P) left padded with id 0 (masked out)
     slot_mask = torch.zeros(B, max_len, dtype=torch.long)  # (B, Tmax) 1 = a real token is in this cache slot
@@ -247,6 +251,8 @@ def _decode_loop(
     logits = model(tokens, attention_mask=slot_mask, position_ids=position_ids, cache_pos=slots)[:, -1]  # (B, V)
     live = torch.ones(B, dtype=torch.bool, device=device)
     for t in range(params.max_new_tokens):
+        if len(unused):
+            logits = logits.index_fill(1, unused, -math.inf)
         ids = sample_next(logits, params, generator, seen, limit)  # (B,)
         live = live & ~torch.isin(ids, stop_ids)
         yield ids, live
@@ -284,8 +290,9 @@ def generate_ids(
     `cache_len` slots (default longest prompt + max_new_tokens; the cache stays allocated afterwards and is reused
     by a call with the same batch size and cache_len: keep cache_len fixed with `compile`). A row ends on
     one of params.stop_ids (not included in its output) or after max_new_tokens; finished rows keep being computed
-    but their tokens are dropped, and the loop ends as soon as every row has finished. vocab_limit: ids at or
-    above it are never sampled (default: min(model vocab, 100280)). compile: on CUDA, run the decode step under
+    but their tokens are dropped, and the loop ends as soon as every row has finished. params.stop_strings are
+    not applied here (they need text: see stream_text). vocab_limit: ids at or above it, and UNUSED_IDS, are
+    never sampled (default: min(model vocab, 100280)). compile: on CUDA, run the decode step under
     torch.compile with CUDA graphs (elsewhere it is ignored with a warning).
     """
     params = params or SamplingParams()
@@ -316,13 +323,18 @@ def stream_ids(
 
 
 # ---- text ---------------------------------------------------------------------------------------------------
-def encode_prompt(tokenizer, prompt: str | Sequence[Mapping[str, str]], chat: bool = False) -> list[int]:
-    """A string (plain, or one user turn when `chat`) or a list of chat messages -> prompt ids."""
+def encode_prompt(tokenizer, prompt: str | Sequence[Mapping[str, str]], chat: bool = False,
+                  system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> list[int]:
+    """A string (plain, or one user turn when `chat`) or a list of chat messages -> prompt ids.
+
+    system_prompt: used by the chat template when the messages have no system message (None: no system turn).
+    """
     if isinstance(prompt, str):
         if not chat:
             return tokenizer.encode(prompt)
         prompt = [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                         system_prompt=system_prompt)
 
 
 def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
@@ -377,15 +389,16 @@ def stream_text(
     chat: bool = False,
     compile: bool = False,
     cache_len: int | None = None,
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
 ) -> Iterator[str]:
     """Yield the reply's text as it is produced: whole UTF-8 characters only, ending before any stop string.
 
     `prompt` is text, or a list of {"role", "content"} messages rendered with the chat template (as is a string
-    when `chat`). Ids the tokenizer cannot decode (padding rows) are never sampled. compile, cache_len: see
-    generate_ids.
+    when `chat`; `system_prompt` as in encode_prompt). Ids the tokenizer cannot decode (padding rows) are never
+    sampled. compile, cache_len: see generate_ids.
     """
     params = params or SamplingParams()
-    ids = encode_prompt(tokenizer, prompt, chat)
+    ids = encode_prompt(tokenizer, prompt, chat, system_prompt)
     limit = min(model.config.vocab_size, getattr(tokenizer, "n_words", REAL_VOCAB_SIZE))
     yield from stream_pieces(stream_ids(model, ids, params, limit, compile, cache_len), tokenizer, params.stop_strings)
 
@@ -398,13 +411,14 @@ def generate_text(
     chat: bool = False,
     compile: bool = False,
     cache_len: int | None = None,
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
 ) -> str:
     """The whole reply as one string (see stream_text)."""
-    return "".join(stream_text(model, tokenizer, prompt, params, chat, compile, cache_len))
+    return "".join(stream_text(model, tokenizer, prompt, params, chat, compile, cache_len, system_prompt))
 
 
 __all__ = [
     "SamplingParams", "process_logits", "sample_next", "make_generator", "seen_mask", "generate_ids",
     "stream_ids", "stream_text", "generate_text", "stream_pieces", "encode_prompt", "DBRX_STOP_IDS",
-    "REAL_VOCAB_SIZE",
+    "REAL_VOCAB_SIZE", "UNUSED_IDS",
 ]

@@ -94,9 +94,8 @@ class MoE(nn.Module):
     def stats(self, logits, probs, idx, token_mask) -> RouterStats:
         N = probs.shape[0]
         m = probs.new_ones(N) if token_mask is None else token_mask.reshape(N).to(probs.dtype)  # (N,)
-        counts = probs.new_zeros(self.n_experts).scatter_add_(
-            0, idx.reshape(-1), m.repeat_interleave(self.top_k)
-        )  # (E,)
+        slot_mask = m[:, None].expand(N, self.top_k).reshape(-1)  # (N*K,) as idx.reshape(-1); no repeat_interleave
+        counts = probs.new_zeros(self.n_experts).scatter_add_(0, idx.reshape(-1), slot_mask)  # (E,)
         prob_sum = (probs * m[:, None]).sum(0)  # (E,)
         z_sum = (torch.logsumexp(logits.float(), dim=-1).square() * m).sum()
         return RouterStats(counts, prob_sum, z_sum, m.sum())

@@ -23,8 +23,10 @@ __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
     "PADDED_VOCAB_SIZE",
     "SPECIAL_TOKENS",
+    "ROLES",
     "StreamDecoder",
     "Tokenizer",
+    "check_messages",
     "find_bpe_file",
     "get_tokenizer",
 ]
@@ -114,6 +116,21 @@ def _load_encoding(path: Path) -> tuple[tiktoken.Encoding, int]:
         name="dbrx_cl100k_base", pat_str=CL100K_PATTERN, mergeable_ranks=ranks, special_tokens=SPECIAL_TOKENS
     )
     return enc, len(ranks)
+
+
+def check_messages(messages: Sequence[Mapping[str, str]]) -> None:
+    """Raise ValueError unless ``messages`` is a list of ``{"role": one of ROLES, "content": str}`` mappings."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise ValueError(f"messages[{i}] must be a mapping with 'role' and 'content'; message {i} is a "
+                             f"{type(m).__name__}")
+        if m.get("role") not in ROLES:
+            raise ValueError(f"messages[{i}].role must be one of {ROLES}; message {i} has role {m.get('role')!r}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}].content must be a string; message {i} has content of type "
+                             f"{type(m.get('content')).__name__}")
 
 
 def _utf8(text: str) -> bytes:
@@ -219,23 +236,12 @@ class Tokenizer:
         """Decode to text; invalid or partial UTF-8 becomes U+FFFD."""
         return self.decode_bytes(ids, skip_special).decode("utf-8", errors="replace")
 
-    def token_bytes(self, token_id: int) -> bytes:
-        return self.decode_bytes([token_id])
-
     # ---- chat -------------------------------------------------------------------------------------------------
     def _chat_parts(
         self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool, system_prompt: str | None
     ) -> list[tuple[int | str, bool]]:
         """The template as a list of (special id | text, is_assistant_reply) parts."""
-        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-            raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
-        for i, m in enumerate(messages):
-            if not isinstance(m, Mapping):
-                raise ValueError(f"message {i} is not a mapping: {m!r}")
-            if m.get("role") not in ROLES:
-                raise ValueError(f"message {i} has invalid role {m.get('role')!r}; expected one of {ROLES}")
-            if not isinstance(m.get("content"), str):
-                raise ValueError(f"message {i} content must be a str, got {type(m.get('content')).__name__}")
+        check_messages(messages)
         # Same logic as DBRX Instruct's jinja template: a leading system message (or else the default prompt) is
         # stripped and rendered before the first turn. That template renders nothing at all when no turn follows
         # the system message; we reject that case instead.

@@ -34,6 +34,7 @@ def test_train_report_with_transformers_comparison():
     per_token = 6 * active_matmul_params(cfg) + 6 * cfg.n_layers * cfg.d_model * 16
     assert r["tflops"] == pytest.approx(per_token * r["tokens_per_s"] / 1e12)
     assert r["ratio_tokens_per_s"] == pytest.approx(r["tokens_per_s"] / r["transformers"]["tokens_per_s"])
+    assert r["logits_rel_err"] < 1e-5  # fp32: both models compute the same function on the same weights
 
 
 def test_prefill_report_mfu_with_peak_override():
@@ -84,3 +85,23 @@ def test_gpu_script_is_valid_bash():
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
     assert "dbrx-132b" in text and "dbrx-9b" in text and "--compare transformers" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["grouped_mm", "triton"])
+def test_gpu_logits_match_transformers(backend, dtype=torch.bfloat16, tol=3e-2):
+    """On CUDA, our expert backends give transformers' logits for the same tiny config and weights."""
+    pytest.importorskip("transformers")
+    cfg = DbrxConfig.from_preset("dbrx-tiny", vocab_size=256)
+    ours = DbrxForCausalLM.from_config(cfg, seed=0, device="cuda", dtype=dtype).eval()
+    for block in ours.transformer.blocks:
+        block.ffn.backend = backend
+    hf = transformers_model(ours, torch.device("cuda"), dtype).eval()
+    assert all(p.dtype == dtype for p in hf.parameters())
+    ids = torch.randint(0, 256, (3, 200), device="cuda")
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits.float()
+        got = ours(ids).float()
+    assert torch.isfinite(got).all()
+    assert (got - ref).norm() / ref.norm() < tol

@@ -116,6 +116,13 @@ def test_split_layout_loads_to_identical_model(tmp_path, ffn):
     _assert_same_model(model, load_pretrained(tmp_path))
 
 
+def test_split_layout_with_a_single_expert(tmp_path):
+    model = _model(seed=5, moe_num_experts=1, moe_top_k=1)  # one key per expert tensor, as in the stacked layout
+    model.config.save(tmp_path / "config.json")
+    save_file(_split_state(model), tmp_path / "model.safetensors")
+    _assert_same_model(model, load_pretrained(tmp_path))
+
+
 def test_convert_stacked_split_stacked_preserves_tensors(tmp_path, capsys):
     model = _model(seed=3)
     model.save_pretrained(tmp_path / "a")

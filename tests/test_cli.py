@@ -63,3 +63,21 @@ def test_init_generate_and_chat(tmp_path):
                 input="hello there\n/reset\nagain\n/exit\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("dbrx> ") == 2
+
+
+def test_system_needs_chat(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path), "hi", "--system", "Be terse."]) == 2
+    assert "--system only applies with --chat" in capsys.readouterr().err
+
+
+def test_chat_survives_a_turn_that_does_not_fit(tmp_path, capsys, monkeypatch):
+    import io
+
+    out = tmp_path / "ckpt"
+    assert main(["init", "--preset", "dbrx-tiny", str(out)]) == 0
+    long_turn = "word " * 300  # over dbrx-tiny's max_seq_len of 256 tokens
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"hi\n{long_turn}\nagain\n"))
+    assert main(["chat", "--model", str(out), "--system", "", "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "max_seq_len" in captured.err and captured.err.count("error") == 1
+    assert captured.out.count("dbrx> ") == 3  # the turn after the error was answered

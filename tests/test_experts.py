@@ -22,9 +22,12 @@ from dbrx.kernels.experts import expert_glu, resolve_backend, sort_by_expert  # 
 from dbrx.model import DbrxForCausalLM  # noqa: E402
 from dbrx.parallel.compile import compile_blocks  # noqa: E402
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None and (
-    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+# The CPU tests run the Triton kernels in the interpreter; on a CUDA machine (no interpreter) the GPU tests below
+# cover them instead.
+HAS_TRITON = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed (or not in interpreter mode)")
+HAS_CUDA_TRITON = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def make_case(seed, N, D, F, E, K, empty=(), dtype=torch.float32):
@@ -43,7 +46,8 @@ def run(backend, x, weights, idx, w1, v1, w2, dtype=None):
     leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (x, weights, w1, v1, w2)]
     xx, ww, a, b, c = leaves
     y = expert_glu(xx, ww, idx, a, b, c, backend=backend)
-    proj = torch.randn(y.shape, generator=torch.Generator().manual_seed(123), dtype=torch.float64).to(y.dtype)
+    proj = torch.randn(y.shape, generator=torch.Generator().manual_seed(123), dtype=torch.float64)
+    proj = proj.to(device=y.device, dtype=y.dtype)
     (y * proj).sum().backward()
     return [y.detach()] + [t.grad for t in leaves]
 
@@ -206,3 +210,57 @@ def test_flex_attention_matches_sdpa_mask(monkeypatch):
     torch.testing.assert_close(flex, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(flex_pad[:, :21], ref_pad[:, :21], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(flex_pad[0], ref_pad[0], atol=1e-5, rtol=1e-5)
+
+
+# ---- CUDA (pytest -m gpu): the compiled Triton kernels and torch's grouped GEMM in bf16, flex attention ----------
+def _poison_cuda_cache():
+    """Leave NaN in the caching allocator's free blocks, so that an output element nobody writes shows up."""
+    torch.full((128 << 20,), float("nan"), device="cuda", dtype=torch.float32)  # 512 MiB, freed at once
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("backend", ["grouped_mm", pytest.param("triton", marks=pytest.mark.skipif(
+    not HAS_CUDA_TRITON, reason="triton not installed"))])
+@pytest.mark.parametrize("case", [(8, 300, 256, 384, 16, 4, (0, 11)), (9, 2048, 1024, 1792, 16, 4, (5,)),
+                                  (10, 77, 128, 200, 8, 2, ())], ids=["ragged", "wide", "f200"])
+def test_gpu_backend_matches_loop_bf16(backend, case):
+    """bf16 forward and backward against the fp32 loop reference on the same GPU, with experts left empty."""
+    seed, N, D, F, E, K, empty = case
+    tensors = [t.cuda() for t in make_case(seed, N, D, F, E, K, empty, dtype=torch.bfloat16)]
+    ref = run("loop", *tensors, dtype=torch.float32)
+    for _ in range(2):  # the second run gets recycled (poisoned) memory
+        _poison_cuda_cache()
+        got = run(backend, *tensors)
+        assert got[0].dtype == torch.bfloat16 and got[3].shape == (E, F, D)
+        for name, a, b in zip(NAMES, got, ref):
+            assert torch.isfinite(a).all(), name
+            err = (a.double() - b.double()).norm() / b.double().norm()
+            assert err < 2e-2, (backend, name, float(err))
+        for e in empty:  # no tokens: exactly zero weight gradients
+            assert all(g[e].abs().max() == 0 for g in got[3:]), e
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_flex_attention_matches_sdpa_and_block_mask_is_sparse(monkeypatch):
+    cfg = DbrxConfig.from_preset("dbrx-tiny", vocab_size=128, max_seq_len=512)
+    model = DbrxForCausalLM.from_config(cfg, seed=0, device="cuda", dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, 128, (2, 384), device="cuda")
+    doc_ids = torch.cat([torch.zeros(2, 100), torch.ones(2, 200), torch.full((2, 84), 2.0)], 1).long().cuda()
+    assert attention.use_flex(doc_ids, None) and attention.is_block_mask(attention.doc_block_mask(doc_ids))
+    with torch.no_grad():
+        flex = model(ids, doc_ids=doc_ids).float()  # compiled flex_attention with a block mask
+        monkeypatch.setattr(attention, "use_flex", lambda *a: False)  # SDPA with a dense boolean mask
+        ref = model(ids, doc_ids=doc_ids).float()
+    assert (flex - ref).norm() / ref.norm() < 2e-2
+    # 32K tokens: the block mask is built without a (T, T) tensor (that alone would be 1 GiB of bools)
+    T = 32768
+    long_docs = (torch.arange(T, device="cuda") // 5000)[None]  # (1, T)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    block_mask = attention.doc_block_mask(long_docs)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < 256 * 2**20
+    assert block_mask.shape[-2:] == (T, T)

@@ -6,6 +6,8 @@ from torch import nn
 
 from dbrx.config import DbrxConfig
 from dbrx.generate import (
+    REAL_VOCAB_SIZE,
+    UNUSED_IDS,
     SamplingParams,
     generate_ids,
     generate_text,
@@ -357,3 +359,31 @@ def test_stream_text_never_samples_padding_rows(tokenizer):
     model = ScriptedModel([100300])  # only a padding row has a high logit
     text = generate_text(model, tokenizer, "x", SamplingParams(temperature=0, max_new_tokens=3, stop_ids=()))
     assert len(text) > 0  # decodable tokens came out instead of a decode error
+
+
+def test_unused_ids_are_never_sampled(tokenizer):
+    undecodable = []
+    for i in range(REAL_VOCAB_SIZE):
+        try:
+            tokenizer.decode_bytes([i])
+        except ValueError:
+            undecodable.append(i)
+    assert undecodable == list(UNUSED_IDS)
+    for bad in (100256, 100261, 100275):  # the model's favourite is an id that no token has
+        model = ScriptedModel([bad])
+        text = generate_text(model, tokenizer, "x", SamplingParams(temperature=0, max_new_tokens=3, stop_ids=()))
+        assert len(text) > 0
+        out = generate_ids(model, [[1, 2]], SamplingParams(temperature=0, max_new_tokens=3, stop_ids=()))[0]
+        assert not set(out) & set(UNUSED_IDS)
+
+
+def test_encode_prompt_system_prompt():
+    from dbrx.generate import encode_prompt
+    from dbrx.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    bare = encode_prompt(tok, "hi", chat=True, system_prompt=None)
+    assert tok.decode(bare) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    default = tok.decode(encode_prompt(tok, "hi", chat=True))
+    assert default.startswith("<|im_start|>system\nYou are DBRX, created by Databricks.")
+    assert tok.decode(encode_prompt(tok, "hi")) == "hi"

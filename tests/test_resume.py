@@ -126,3 +126,16 @@ def test_ctrl_c_saves_a_checkpoint_then_exits(tmp_path):
     ckpt = ckpt_lib.load_latest(cfg.checkpoint_dir)
     assert ckpt["state"]["step"] == stopped[0]["step"]
     assert ckpt["state"]["loader"]["step"] == stopped[0]["step"]
+
+
+def test_state_json_without_a_file_entry_is_a_checkpoint_error(tmp_path):
+    cfg = tiny_train_config(tmp_path, train={"steps": 2}, checkpoint={"interval": 1, "keep": 2})
+    train(cfg)
+    first, latest = ckpt_lib.list_checkpoints(cfg.checkpoint_dir)
+    state = json.loads((latest / "state.json").read_text())
+    del state["files"]["rng.safetensors"]
+    (latest / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ckpt_lib.CheckpointError, match="unreadable"):
+        ckpt_lib.read_checkpoint(latest)
+    with pytest.warns(UserWarning, match="falling back"):
+        assert ckpt_lib.load_latest(cfg.checkpoint_dir)["path"] == first

@@ -46,6 +46,7 @@ def test_load_both_formats(tmp_path):
         ('{"messages": []}', "'messages' must be a non-empty list"),
         ('{"messages": [{"role": "robot", "content": "x"}]}', r"messages\[0\]\.role"),
         ('{"messages": [{"role": "user", "content": 3}]}', r"messages\[0\]\.content must be a string"),
+        ('{"messages": ["hi"]}', r"messages\[0\] must be a mapping .*; message 0 is a str"),
         ('{"messages": [{"role": "user", "content": "only a question"}]}', "no assistant message"),
         ('{"prompt": "p", "response": 5}', "field 'response' must be a string"),
         ('["a"]', "expected a JSON object"),

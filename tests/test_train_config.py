@@ -144,3 +144,21 @@ def test_cli_arguments_config_overrides_and_resume():
     assert cli._resume_arg(args) == ["train.steps=5"] and args.resume == "latest"
     with pytest.raises(ValueError, match="key=value"):
         cli._split_args(["a.yaml", "b.yaml"])
+
+
+def test_eval_interval_needs_a_held_out_split():
+    with pytest.raises(ValueError, match="eval.interval.*eval.fraction"):
+        load_config(None, ["eval.fraction=0"]).validate()
+
+
+def test_resume_option_gives_back_a_config_file():
+    import argparse
+
+    from dbrx.train import cli
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="verb"))
+    args = parser.parse_args(["pretrain", "--resume", "my.yaml", "train.steps=5"])
+    assert cli._config_and_overrides(args) == ("my.yaml", ["train.steps=5"]) and args.resume == "latest"
+    args = parser.parse_args(["pretrain", "my.yaml", "--resume", "train.steps=5"])
+    assert cli._config_and_overrides(args) == ("my.yaml", ["train.steps=5"]) and args.resume == "latest"

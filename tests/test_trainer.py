@@ -143,3 +143,54 @@ def test_too_many_nans_stop_with_last_good_checkpoint(tmp_path):
     ckpt = ckpt_lib.load_latest(cfg.checkpoint_dir)
     assert ckpt["state"]["step"] == 2
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_resume_from_an_earlier_checkpoint_drops_the_later_ones(tmp_path):
+    # checkpoints at 4 and 6; resuming from 4 starts a new history, so the old step 6 must not count as the newest
+    cfg = tiny_train_config(tmp_path, train={"steps": 6}, checkpoint={"interval": 2, "keep": 2})
+    train(cfg)
+    cfg.train.steps, cfg.checkpoint.interval, cfg.checkpoint.keep = 5, 1, 1
+    train(cfg, resume=str(Path(cfg.checkpoint_dir) / "step_00000004"))
+    assert [p.name for p in ckpt_lib.list_checkpoints(cfg.checkpoint_dir)] == ["step_00000005"]
+    assert ckpt_lib.load_latest(cfg.checkpoint_dir)["state"]["step"] == 5
+
+
+def test_bf16_autocast_path(tmp_path):
+    # the single-device bf16 path (autocast, fp32 master weights) on the CPU
+    cfg = tiny_train_config(tmp_path, train={"steps": 4, "precision": "bf16"})
+    trainer, _ = train(cfg)
+    assert trainer.bf16
+    recs = step_records(cfg.run_dir)
+    assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in recs)
+    assert recs[-1]["lm_loss"] < recs[0]["lm_loss"]
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_metrics_logger_sends_train_and_eval_scalars(tmp_path):
+    from dbrx.train.metrics import MetricsLogger, measure_cpu_matmul_flops, progress_line
+
+    class Sink:
+        def __init__(self):
+            self.calls = []
+
+        def log_metrics(self, values, step):
+            self.calls.append((step, values))
+
+        def end_run(self):
+            pass
+
+    log = MetricsLogger(tmp_path)
+    log.mlflow = Sink()
+    log.log({"step": 1, "loss": 2.0, "lr": 1e-3, "mfu": None})
+    log.log({"event": "eval", "step": 1, "eval_loss_text": 2.5})
+    log.log({"event": "checkpoint", "step": 1, "path": "x"})
+    log.close()
+    assert log.mlflow.calls == [(1, {"loss": 2.0, "lr": 1e-3}), (1, {"eval_loss_text": 2.5})]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    # the ETA counts only the steps run since a resume
+    m = {"loss": 1.0, "lm_loss": 1.0, "lb_loss": 1.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1.0, "mem_gb": 1.0}
+    assert progress_line(60, 100, m, elapsed=10.0, start_step=50).endswith("eta 0:40")
+    # measuring the CPU's matmul rate leaves the global RNG (dropout, router jitter) alone
+    state = torch.get_rng_state()
+    measure_cpu_matmul_flops(n=32, repeats=1)
+    assert torch.equal(state, torch.get_rng_state())

@@ -18,6 +18,7 @@ except ImportError:  # torch without flex_attention: the SDPA mask path is used 
 
 FLEX_ON_CPU = False  # tests set this: on the CPU flex_attention runs an eager reference that materialises scores
 _compiled_flex = None
+_compiled_create_block_mask = None
 
 
 def use_flex(doc_ids: torch.Tensor | None, cache_pos: torch.Tensor | None) -> bool:
@@ -38,8 +39,14 @@ def doc_block_mask(doc_ids: torch.Tensor, attention_mask: torch.Tensor | None = 
             allowed = allowed & valid[b, k]
         return allowed | (q == k)  # never an empty row
 
-    # _compile builds the block mask tile by tile instead of evaluating a dense (B, 1, T, T) tensor.
-    return create_block_mask(mask_mod, B, None, T, T, device=doc_ids.device, _compile=doc_ids.device.type == "cuda")
+    if doc_ids.device.type != "cuda":
+        return create_block_mask(mask_mod, B, None, T, T, device=doc_ids.device)
+    # Compiled, the mask is evaluated tile by tile instead of as a dense (B, 1, T, T) tensor (1 GiB per sequence
+    # at 32K). One compiled function for all calls (the `_compile=True` flag is deprecated in newer torch).
+    global _compiled_create_block_mask
+    if _compiled_create_block_mask is None:
+        _compiled_create_block_mask = torch.compile(create_block_mask)
+    return _compiled_create_block_mask(mask_mod, B, None, T, T, device=doc_ids.device)
 
 
 def is_block_mask(mask) -> bool:
@@ -50,7 +57,7 @@ def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, e
     """q (B, H, T, hd), k/v (B, kvH, T, hd) -> (B, H, T, hd); compiled on CUDA (eager flex is a slow reference)."""
     global _compiled_flex
     fn = flex_attention
-    if q.device.type == "cuda":
+    if q.device.type == "cuda" and not torch.compiler.is_compiling():  # inside a compiled block: traced as is
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention)
         fn = _compiled_flex

@@ -46,9 +46,11 @@ def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:  # the interpreter's bf16 dot is wrong (triton 3.9): multiply in fp32 there
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
+    if IEEE:  # one return at the end: no early return for the compiler to handle
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
 
 
 @triton.autotune(configs=_CONFIGS, key=["N", "K", "HAS2", "ADD2", "IEEE"])

@@ -131,7 +131,7 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     keep: int = 2,
 ) -> Path:
-    """Write checkpoint `step` atomically and delete all but the newest `keep`; returns its directory.
+    """Write checkpoint `step` atomically, then keep only it and the `keep` - 1 before it; returns its directory.
 
     Must be called on every rank (gathering the sharded state is collective); only rank 0 writes.
     """
@@ -163,14 +163,28 @@ def save_checkpoint(
         if final.exists():  # e.g. re-saving the same step after a resume
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _prune(root, keep)
+        _fsync_dir(root)  # make the rename itself durable
+        _prune(root, step, keep)
     if dist.is_initialized():
         dist.barrier()
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
-    for old in list_checkpoints(root)[:-keep]:
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prune(root: Path, step: int, keep: int) -> None:
+    """Keep the newest `keep` checkpoints up to `step`. Later ones are from a run that was resumed from an earlier
+    checkpoint: left in place they would be taken for the newest (by `--resume` and by this pruning)."""
+    found = list_checkpoints(root)
+    newer = [p for p in found if int(STEP_RE.match(p.name).group(1)) > step]
+    upto = [p for p in found if p not in newer]
+    for old in newer + upto[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-step_*"):  # left by a process killed while writing
         if not stale.name.endswith(f"-{os.getpid()}"):
@@ -183,18 +197,18 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     try:
         state = json.loads((path / STATE_NAME).read_text())
-        files = state["files"]
+        expected = {name: (state["files"][name]["bytes"], state["files"][name]["sha256"]) for name in FILES}
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no {STATE_NAME} (not a complete checkpoint)") from None
     except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path / STATE_NAME}: unreadable ({e})") from None
-    for name in FILES:
+        raise CheckpointError(f"{path / STATE_NAME}: unreadable ({type(e).__name__}: {e})") from None
+    for name, (size, digest) in expected.items():
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{f}: missing")
-        if f.stat().st_size != files[name]["bytes"]:
-            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, expected {files[name]['bytes']} (truncated?)")
-        if sha256_file(f) != files[name]["sha256"]:
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, expected {size} (truncated?)")
+        if sha256_file(f) != digest:
             raise CheckpointError(f"{f}: checksum mismatch (corrupt)")
     try:
         tensors = {name.split(".")[0]: load_file(path / name) for name in FILES}

@@ -67,28 +67,32 @@ def register(subparsers) -> None:
 
 
 def _resume_arg(args: argparse.Namespace) -> list[str]:
-    """`--resume train.steps=50` means resume the latest and override: give the override back."""
-    if args.resume and args.resume != "latest" and "=" in args.resume and not Path(args.resume).exists():
-        extra, args.resume = [args.resume], "latest"
-        return extra
+    """`--resume train.steps=50` or `--resume my.yaml` means resume the latest: give the argument back."""
+    r = args.resume
+    if r and r != "latest" and not Path(r).is_dir() and ("=" in r or Path(r).suffix in (".yaml", ".yml")):
+        args.resume = "latest"
+        return [r]
     return []
 
 
-def run_pretrain(args: argparse.Namespace) -> int:
+def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     extra = _resume_arg(args)
-    config, overrides = _split_args(args.args)
-    overrides += extra
+    if extra and "=" not in extra[0]:  # the config file that --resume took: it comes first
+        return _split_args(extra + args.args)
+    return _split_args(args.args + extra)
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    config, overrides = _config_and_overrides(args)
     cfg = load_config(config, overrides, default="pretrain-demo")
     return _train(cfg, "pretrain", args)
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    extra = _resume_arg(args)
-    config, overrides = _split_args(args.args)
-    overrides += extra
-    if args.model:
-        overrides.append(f"model.checkpoint={args.model}")
+    config, overrides = _config_and_overrides(args)
     cfg = load_config(config, overrides, default="finetune-demo")
+    if args.model:
+        cfg.model.checkpoint = args.model  # as given: not parsed as YAML like a key=value override
     if args.data:
         cfg.data.sft = list(args.data)
     return _train(cfg, "finetune", args)

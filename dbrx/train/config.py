@@ -179,6 +179,9 @@ class TrainConfig:
         if not 0 <= self.eval.fraction < 1:
             raise ValueError(f"eval.fraction must be in [0, 1), got {self.eval.fraction}")
         _positive("eval.batches", self.eval.batches)
+        if self.eval.interval and not self.eval.fraction:
+            raise ValueError(f"eval.interval is {self.eval.interval} but eval.fraction is 0: nothing is held out to "
+                             "evaluate on (set eval.fraction, e.g. 0.02, or eval.interval=0)")
         if self.checkpoint.interval < 0:
             raise ValueError(f"checkpoint.interval must be >= 0, got {self.checkpoint.interval}")
         _positive("checkpoint.keep", self.checkpoint.keep)
@@ -243,14 +246,13 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _convert(a, value, where)
-            except ValueError as e:
-                errors.append(str(e))
+            except ValueError:
+                pass
         allowed = " or ".join(_type_name(a) if a is not type(None) else "null" for a in args)
         raise ValueError(f"{where} must be {allowed}, got {value!r}")
     if dataclasses.is_dataclass(tp):

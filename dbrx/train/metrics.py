@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
-# Dense bf16 peak FLOP/s of known GPUs (vendor datasheets, SXM parts).
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
-                  "B200": 2250e12}
+# Dense bf16 peak FLOP/s of known GPUs (vendor datasheets; SXM unless named; the first name found in the device
+# name wins, so the PCIe part comes before the plain "H100").
+GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12,
+                  "A800": 312e12, "L40S": 362e12, "B200": 2250e12}
 
 
 def detect_peak_flops(device: torch.device, setting: float | str | None = "auto") -> float | None:
@@ -39,7 +40,8 @@ def detect_peak_flops(device: torch.device, setting: float | str | None = "auto"
 
 def measure_cpu_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
     """Best fp32 FLOP/s of an n x n matmul on this CPU with the current thread count (a nominal peak)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    g = torch.Generator().manual_seed(0)  # leave the global RNG (dropout, router jitter) untouched
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     a @ b  # warm-up
     best = math.inf
     for _ in range(repeats):
@@ -86,18 +88,15 @@ class MetricsLogger:
             return
         self.file.write(json.dumps(record, default=_jsonable) + "\n")
         self.file.flush()
-        if "step" in record and "event" not in record:
-            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
-            if self.tb is not None:
-                for k, v in scalars.items():
-                    self.tb.add_scalar(f"train/{k}", v, record["step"])
-            if self.mlflow is not None:
-                self.mlflow.log_metrics({k: float(v) for k, v in scalars.items() if math.isfinite(v)},
-                                        step=record["step"])
-        elif record.get("event") == "eval" and self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, float):
-                    self.tb.add_scalar(f"eval/{k}", v, record["step"])
+        kind = "train" if "event" not in record else "eval" if record["event"] == "eval" else None
+        if kind is None or "step" not in record:
+            return
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"{kind}/{k}", v, record["step"])
+        if self.mlflow is not None:
+            self.mlflow.log_metrics({k: float(v) for k, v in scalars.items() if math.isfinite(v)}, step=record["step"])
 
     def print(self, line: str) -> None:
         if self.enabled:
@@ -113,11 +112,14 @@ class MetricsLogger:
             self.mlflow.end_run()
 
 
-def progress_line(step: int, steps: int, m: dict[str, Any], elapsed: float) -> str:
-    """One console line: a bar, step, loss, lr, grad norm, tokens/s, MFU, memory, ETA."""
+def progress_line(step: int, steps: int, m: dict[str, Any], elapsed: float, start_step: int = 0) -> str:
+    """One console line: a bar, step, loss, lr, grad norm, tokens/s, MFU, memory, ETA.
+
+    `elapsed` is the time since `start_step` (where this process began, e.g. a resumed checkpoint).
+    """
     width = 20
     done = int(width * step / steps)
-    eta = elapsed / max(step, 1) * (steps - step)
+    eta = elapsed / max(step - start_step, 1) * (steps - step)
     mfu = f"{100 * m['mfu']:.1f}%" if m.get("mfu") is not None else "n/a"
     return (f"[{'#' * done}{'.' * (width - done)}] step {step}/{steps} loss {m['loss']:.4f} "
             f"(lm {m['lm_loss']:.4f} lb {m['lb_loss']:.3f}) lr {m['lr']:.2e} gnorm {m['grad_norm']:.2f} "
@@ -132,9 +134,7 @@ def _hms(seconds: float) -> str:
 
 
 def _jsonable(o: Any) -> Any:
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if hasattr(o, "tolist"):
+    if hasattr(o, "tolist"):  # tensors, NumPy arrays and scalars
         return o.tolist()
     return str(o)
 

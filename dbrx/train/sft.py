@@ -19,12 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from dbrx.tokenizer import DEFAULT_SYSTEM_PROMPT, Tokenizer, get_tokenizer
+from dbrx.tokenizer import DEFAULT_SYSTEM_PROMPT, Tokenizer, check_messages, get_tokenizer
 from dbrx.train.data import _to_batch, shard_batch
 
 __all__ = ["SFTLoader", "load_chat_jsonl"]
 
-ROLES = ("system", "user", "assistant")
 IGNORE = -100
 
 
@@ -36,15 +35,8 @@ def _parse_record(record: Any) -> list[dict[str, str]]:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
             raise ValueError("'messages' must be a non-empty list")
-        out = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict):
-                raise ValueError(f"messages[{i}] must be an object with 'role' and 'content'")
-            if m.get("role") not in ROLES:
-                raise ValueError(f"messages[{i}].role must be one of {ROLES}, got {m.get('role')!r}")
-            if not isinstance(m.get("content"), str):
-                raise ValueError(f"messages[{i}].content must be a string, got {type(m.get('content')).__name__}")
-            out.append({"role": m["role"], "content": m["content"]})
+        check_messages(messages)
+        out = [{"role": m["role"], "content": m["content"]} for m in messages]
     elif "prompt" in record or "response" in record:
         for key in ("prompt", "response"):
             if not isinstance(record.get(key), str):
@@ -139,10 +131,6 @@ class SFTLoader:
             paths = [paths]
         conversations = [c for p in paths for c in load_chat_jsonl(p)]
         return cls(conversations, seq_len, global_batch, seed, **kwargs)
-
-    @property
-    def num_conversations(self) -> int:
-        return len(self.ids)
 
     def packs(self, epoch: int) -> list[list[int]]:
         """Conversation indices of each window in ``epoch``: a seeded order, packed greedily."""

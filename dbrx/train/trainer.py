@@ -191,6 +191,7 @@ class Trainer:
         if resume is not None:
             self._resume(resume)
         self._stop_signal: int | None = None
+        self._stop_time = 0.0
 
     # ---- setup --------------------------------------------------------------------------------------------
     def _check_run_dir(self, resume: str | None, overwrite: bool) -> None:
@@ -394,9 +395,13 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
-        if self._stop_signal is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self._stop_signal = signum
+        if self._stop_signal is not None:
+            # a second Ctrl-C stops now; one within a second is the same request delivered twice (e.g. a SIGTERM
+            # from SLURM to every process, then the same one forwarded by torchrun to its workers)
+            if time.monotonic() - self._stop_time > 1.0:
+                raise KeyboardInterrupt
+            return
+        self._stop_signal, self._stop_time = signum, time.monotonic()
         self.log.print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to abort)")
 
     def save(self, step: int) -> Path:
@@ -434,8 +439,8 @@ class Trainer:
                                    f"step skipped ({nan_streak} in a row)")
                     self.log.log({"event": "nan_skip", "step": done, "loss": m["loss"], "grad_norm": m["grad_norm"]})
                     if nan_streak >= t.max_nan_skips:
-                        where = f"; the last good checkpoint is {ckpt_lib.list_checkpoints(self.ckpt_dir)[-1]}" \
-                            if ckpt_lib.list_checkpoints(self.ckpt_dir) else ""
+                        saved = ckpt_lib.list_checkpoints(self.ckpt_dir)
+                        where = f"; the last good checkpoint is {saved[-1]}" if saved else ""
                         raise TrainingError(f"stopping at step {done}: {nan_streak} non-finite steps in a row "
                                             f"(train.max_nan_skips = {t.max_nan_skips}){where}")
                 else:
@@ -446,7 +451,7 @@ class Trainer:
                 if done % cfg.log.interval == 0 or done == t.steps:
                     if hasattr(self.loader, "realised"):
                         m["mix"] = self.loader.realised()
-                    self.log.print(progress_line(done, t.steps, m, time.perf_counter() - start))
+                    self.log.print(progress_line(done, t.steps, m, time.perf_counter() - start, self.start_step))
                 self.log.log(m)
                 if self.eval_sets and cfg.eval.interval and done % cfg.eval.interval == 0 and done < t.steps:
                     self._log_eval(done)
@@ -518,8 +523,9 @@ class Trainer:
         model = self.model if not self.dist.distributed else self._full
         params = SamplingParams(temperature=s.temperature, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
                                 seed=self.cfg.train.seed)
-        chat = self.task == "finetune"
-        return generate_text(model, get_tokenizer(), s.prompt, params, chat=chat)
+        if self.task == "finetune":  # the same chat template (and system prompt) as the training data
+            return generate_text(model, get_tokenizer(), s.prompt, params, chat=True, system_prompt=self.sft_system)
+        return generate_text(model, get_tokenizer(), s.prompt, params)
 
     def close(self) -> None:
         self.log.close()
