@@ -85,8 +85,11 @@ class MoE(nn.Module):
         logits = self.router(x_nd)  # (N, E)
         probs, weights, idx = self.route(logits)
 
-        mlp = self.experts.mlp
-        y_nd = expert_glu(x_nd, weights.to(x.dtype), idx, mlp.w1, mlp.v1, mlp.w2, backend=self.backend)  # (N, D)
+        w1, v1, w2 = self.experts.mlp.w1, self.experts.mlp.v1, self.experts.mlp.w2
+        if torch.is_autocast_enabled(x.device.type):  # autocast does not reach the grouped GEMMs: cast as it would
+            dt = torch.get_autocast_dtype(x.device.type)
+            x_nd, w1, v1, w2 = x_nd.to(dt), w1.to(dt), v1.to(dt), w2.to(dt)
+        y_nd = expert_glu(x_nd, weights.to(x_nd.dtype), idx, w1, v1, w2, backend=self.backend)  # (N, D)
 
         stats = self.stats(logits, probs, idx, token_mask)
         return y_nd.view(B, T, D), stats

@@ -244,7 +244,7 @@ def test_gpu_backend_matches_loop_bf16(backend, case):
 @pytest.mark.gpu
 @gpu
 def test_gpu_flex_attention_matches_sdpa_and_block_mask_is_sparse(monkeypatch):
-    cfg = DbrxConfig.from_preset("dbrx-tiny", vocab_size=128, max_seq_len=512)
+    cfg = DbrxConfig.from_preset("dbrx-tiny", vocab_size=128, max_seq_len=512, d_model=128, n_heads=2, kv_n_heads=1)
     model = DbrxForCausalLM.from_config(cfg, seed=0, device="cuda", dtype=torch.bfloat16).eval()
     ids = torch.randint(0, 128, (2, 384), device="cuda")
     doc_ids = torch.cat([torch.zeros(2, 100), torch.ones(2, 200), torch.full((2, 84), 2.0)], 1).long().cuda()

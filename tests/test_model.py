@@ -90,3 +90,26 @@ def test_bad_inputs_raise_value_error():
         model.set_activation_checkpointing("sometimes")
     with pytest.raises(ValueError, match="max_seq_len"):
         model.setup_cache(1, 10_000)
+
+
+def test_experts_run_in_the_autocast_dtype(monkeypatch):
+    import dbrx.moe
+
+    seen = []
+    real = dbrx.moe.expert_glu
+
+    def spy(x, weights, idx, w1, v1, w2, backend="auto"):
+        seen.append((x.dtype, w1.dtype))
+        return real(x, weights, idx, w1, v1, w2, backend=backend)
+
+    monkeypatch.setattr(dbrx.moe, "expert_glu", spy)
+    model = DbrxForCausalLM.from_config(tiny(), seed=0)
+    ids = torch.randint(0, 512, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.compute_loss(ids).loss
+    loss.backward()
+    assert seen and all(s == (torch.bfloat16, torch.bfloat16) for s in seen)
+    assert model.transformer.blocks[0].ffn.experts.mlp.w1.grad.dtype == torch.float32  # fp32 master weights
+    seen.clear()
+    model.compute_loss(ids)
+    assert all(s == (torch.float32, torch.float32) for s in seen)

@@ -61,7 +61,10 @@ def register(subparsers) -> None:
     _add_common(p)
     p.set_defaults(func=run_finetune)
 
-    p = subparsers.add_parser("plot", help="draw the loss and expert-load pictures of a run (PNG)")
+    p = subparsers.add_parser(
+        "plot", help="draw the loss and expert-load pictures of a run (PNG)",
+        description="Draw RUN_DIR/loss.png (loss, LM loss, held-out losses, load-balancing loss) and "
+                    "RUN_DIR/expert_load.png (share of routed tokens per expert and layer) from RUN_DIR/metrics.jsonl.")
     p.add_argument("run_dir", help="a training run directory (holding metrics.jsonl)")
     p.set_defaults(func=run_plot)
 
