@@ -287,6 +287,10 @@ def test_mixture_follows_schedule(tmp_path):
         assert torch.equal(b["input_ids"][:, 1:], b["labels"][:, :-1])
         is_code = (b["input_ids"] >= 50_000) & (b["input_ids"] != EOS_ID)
         rows_code.append(int(is_code.any(1).sum()))  # rows of the code stream
+        phase = 0 if step < 240 else 1
+        in_phase = step + 1 - (0 if phase == 0 else 240)
+        target = 16 * in_phase * (0.3 if phase == 0 else 0.7)
+        assert abs(sum(rows_code[step + 1 - in_phase:]) - target) < 1  # never a whole row off the schedule
     # the phase switches at step 240 = 0.8 * 300; each step's counts are floor/ceil of weight * batch
     assert all(rows in (4, 5) for rows in rows_code[:240]) and all(rows in (11, 12) for rows in rows_code[240:])
     assert loader.schedule.boundaries(300) == [240, 300]

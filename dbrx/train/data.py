@@ -619,11 +619,10 @@ def _to_batch(tokens: np.ndarray, doc_ids: np.ndarray, labels: np.ndarray | None
 class MixtureLoader:
     """Global batches drawn from several streams following a :class:`MixtureSchedule`.
 
-    At each step the phase's weights are apportioned over the ``global_batch`` rows: each stream gets
-    ``floor(w * B)`` rows and the remaining rows go to streams with probability equal to their fractional parts
-    (systematic sampling seeded by ``(seed, step)``), so counts follow the weights exactly in expectation and are
-    never off by more than one row per stream per step. Rows are then shuffled, and each takes the next window of
-    its stream. ``batch(step)`` must be called for consecutive steps (resume with ``load_state_dict``).
+    At each step the phase's weights are apportioned over the ``global_batch`` rows (see ``allocation``): every
+    stream's count is the floor or ceiling of ``w * B``, and its running total within the phase stays within one
+    row of ``w * B * steps``, so the realised mix follows the schedule exactly up to one row. Rows are then
+    shuffled (seeded by ``(seed, step)``), and each takes the next window of its stream. ``batch(step)`` must be called for consecutive steps (resume with ``load_state_dict``).
     """
 
     def __init__(
@@ -654,22 +653,23 @@ class MixtureLoader:
         self.counts = np.zeros((len(schedule.phases), len(self.names)), dtype=np.int64)  # rows per phase, stream
 
     def allocation(self, step: int) -> np.ndarray:
-        """Stream index of each row of the global batch at ``step`` (deterministic in seed and step)."""
-        rng = np.random.default_rng([self.seed, step, 0x313])
-        w = self.schedule.phases[self.schedule.phase_at(step, self.total_steps)][1]
-        expected = self.global_batch * np.array([w.get(n, 0.0) for n in self.names])
-        counts = np.floor(expected).astype(np.int64)
-        frac = expected - counts
+        """Stream index of each row of the global batch at ``step`` (deterministic in seed, step and position).
+
+        Each stream first gets ``floor(w * B)`` rows; the remaining rows go to the streams furthest behind their
+        target for the phase so far (``w * B * steps in phase``), so a stream's realised count never drifts from
+        its target by a row or more over the phase.
+        """
+        p = self.schedule.phase_at(step, self.total_steps)
+        w = np.array([self.schedule.phases[p][1].get(n, 0.0) for n in self.names])
+        start = 0 if p == 0 else self.schedule.boundaries(self.total_steps)[p - 1]
+        counts = np.floor(self.global_batch * w).astype(np.int64)
+        target = self.global_batch * (step - start + 1) * w  # rows each stream should have after this step
+        behind = np.where(w > 0, target - (self.counts[p] + counts), -np.inf)
         extra = self.global_batch - int(counts.sum())
-        if extra:
-            cum = np.cumsum(frac)
-            cum[-1] = extra  # remove rounding error: the fractional parts sum to `extra`
-            u = rng.random()
-            hits = np.ceil(cum - u) - np.ceil(np.concatenate([[0.0], cum[:-1]]) - u)
-            counts += hits.astype(np.int64)
+        counts[np.argsort(-behind, kind="stable")[:extra]] += 1
         assert counts.sum() == self.global_batch and counts.min() >= 0
         rows = np.repeat(np.arange(len(self.names)), counts)
-        rng.shuffle(rows)
+        np.random.default_rng([self.seed, step, 0x313]).shuffle(rows)
         return rows
 
     def batch(self, step: int | None = None) -> dict[str, torch.Tensor]:
