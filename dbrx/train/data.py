@@ -622,7 +622,8 @@ class MixtureLoader:
     At each step the phase's weights are apportioned over the ``global_batch`` rows (see ``allocation``): every
     stream's count is the floor or ceiling of ``w * B``, and its running total within the phase stays within one
     row of ``w * B * steps``, so the realised mix follows the schedule exactly up to one row. Rows are then
-    shuffled (seeded by ``(seed, step)``), and each takes the next window of its stream. ``batch(step)`` must be called for consecutive steps (resume with ``load_state_dict``).
+    shuffled (seeded by ``(seed, step)``), and each takes the next window of its stream. ``batch(step)`` must be
+    called for consecutive steps (resume with ``load_state_dict``).
     """
 
     def __init__(
