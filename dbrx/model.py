@@ -230,10 +230,9 @@ class DbrxForCausalLM(nn.Module):
             mask = attention.doc_block_mask(doc_ids, attention_mask)
         else:
             mask = build_attention_mask(T, attention_mask, doc_ids, cache_pos, dev)
-        token_mask = None
-        if attention_mask is not None:
-            token_mask = attention_mask[:, -T:].bool() if cache_pos is None else attention_mask.bool().gather(
-                1, cache_pos[None].expand(B, T))
+        token_mask = None if attention_mask is None else attention_mask.bool()  # (B, T), or (B, Tmax) with a cache
+        if token_mask is not None and cache_pos is not None:
+            token_mask = token_mask[:, cache_pos]  # (B, T): the slots written now
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.attn_config.rope_theta)
 
         x = self.transformer.wte(input_ids)  # (B, T, D)

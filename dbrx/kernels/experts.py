@@ -83,73 +83,40 @@ def resolve_backend(backend: str, x: torch.Tensor, w: torch.Tensor) -> str:
 # rows_nt(a, w, ends): a (R, K) @ w_e^T with w (E, N, K) -> (R, N)     rows_nn(a, w, ends): a @ w_e, w (E, K, N)
 # up(x, w1, v1, ends) -> gate, up (R, F)                                down_t(a, a2, w, w2, ends): a @ w_e + a2 @ w2_e
 # wgrad(a, b, ends): a_e^T @ b_e -> (E, M, N)                           wgrad2(a, a2, b, ends): two of those
-def _gm_up(xs, w1, v1, ends):
-    return _gmm(xs, w1.transpose(-2, -1), offs=ends), _gmm(xs, v1.transpose(-2, -1), offs=ends)
-
-
-def _gm_rows_nn(a, w, ends):
-    return _gmm(a, w, offs=ends)
-
-
-def _gm_rows_nt(a, w, ends):
-    return _gmm(a, w.transpose(-2, -1), offs=ends)
-
-
-def _gm_dx(dg, du, w1, v1, ends):
-    return _gmm(dg, w1, offs=ends) + _gmm(du, v1, offs=ends)
-
-
 def _gm_wgrad(a, b, ends):
     return _gmm(a.transpose(0, 1), b, offs=ends)  # (M, R) x (R, N) split by ends -> (E, M, N)
+
+
+def _tg():
+    """The Triton kernels, imported on first use (TRITON_INTERPRET must be set before triton is imported)."""
+    from . import triton_grouped_gemm
+
+    return triton_grouped_gemm
 
 
 def _bounds(ends):
     return F.pad(ends, (1, 0))  # (E+1,) group starts and ends
 
 
-def _tr_up(xs, w1, v1, ends):
-    from . import triton_grouped_gemm as tg
-
-    g, u = tg.gmm_rows(xs, w1.transpose(-2, -1), _bounds(ends), b2=v1.transpose(-2, -1))
-    return g, u
-
-
-def _tr_rows_nn(a, w, ends):
-    from . import triton_grouped_gemm as tg
-
-    return tg.gmm_rows(a, w, _bounds(ends))[0]
-
-
-def _tr_rows_nt(a, w, ends):
-    from . import triton_grouped_gemm as tg
-
-    return tg.gmm_rows(a, w.transpose(-2, -1), _bounds(ends))[0]
-
-
-def _tr_dx(dg, du, w1, v1, ends):
-    from . import triton_grouped_gemm as tg
-
-    return tg.gmm_rows(dg, w1, _bounds(ends), a2=du, b2=v1, add=True)[0]
-
-
-def _tr_wgrad(a, b, ends):
-    from . import triton_grouped_gemm as tg
-
-    return tg.gmm_wgrad(a, b, _bounds(ends))[0]
-
-
-def _tr_wgrad2(a, a2, b, ends):
-    from . import triton_grouped_gemm as tg
-
-    c, c2 = tg.gmm_wgrad(a, b, _bounds(ends), a2=a2)
-    return c, c2
-
-
 _OPS = {
-    "grouped_mm": dict(up=_gm_up, rows_nn=_gm_rows_nn, rows_nt=_gm_rows_nt, dx=_gm_dx, wgrad=_gm_wgrad,
-                       wgrad2=lambda a, a2, b, ends: (_gm_wgrad(a, b, ends), _gm_wgrad(a2, b, ends))),
-    "triton": dict(up=_tr_up, rows_nn=_tr_rows_nn, rows_nt=_tr_rows_nt, dx=_tr_dx, wgrad=_tr_wgrad,
-                   wgrad2=_tr_wgrad2),
+    "grouped_mm": dict(
+        up=lambda xs, w1, v1, ends: (_gmm(xs, w1.transpose(-2, -1), offs=ends),
+                                     _gmm(xs, v1.transpose(-2, -1), offs=ends)),
+        rows_nn=lambda a, w, ends: _gmm(a, w, offs=ends),
+        rows_nt=lambda a, w, ends: _gmm(a, w.transpose(-2, -1), offs=ends),
+        dx=lambda dg, du, w1, v1, ends: _gmm(dg, w1, offs=ends) + _gmm(du, v1, offs=ends),
+        wgrad=_gm_wgrad,
+        wgrad2=lambda a, a2, b, ends: (_gm_wgrad(a, b, ends), _gm_wgrad(a2, b, ends)),
+    ),
+    "triton": dict(  # gate and up in one pass; dx sums both products in one kernel; dw1 and dv1 in one pass
+        up=lambda xs, w1, v1, ends: _tg().gmm_rows(xs, w1.transpose(-2, -1), _bounds(ends),
+                                                    b2=v1.transpose(-2, -1)),
+        rows_nn=lambda a, w, ends: _tg().gmm_rows(a, w, _bounds(ends))[0],
+        rows_nt=lambda a, w, ends: _tg().gmm_rows(a, w.transpose(-2, -1), _bounds(ends))[0],
+        dx=lambda dg, du, w1, v1, ends: _tg().gmm_rows(dg, w1, _bounds(ends), a2=du, b2=v1, add=True)[0],
+        wgrad=lambda a, b, ends: _tg().gmm_wgrad(a, b, _bounds(ends))[0],
+        wgrad2=lambda a, a2, b, ends: _tg().gmm_wgrad(a, b, _bounds(ends), a2=a2),
+    ),
 }
 
 
