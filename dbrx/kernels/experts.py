@@ -138,21 +138,44 @@ class _GroupedGLU(torch.autograd.Function):
         xs, w1, v1, w2, ends, gate, up = ctx.saved_tensors
         ops = _OPS[ctx.backend]
         dys = dys.contiguous()  # an expanded (stride-0) gradient breaks the grouped kernels
-        g, u = gate.float(), up.float()
-        sig = torch.sigmoid(g)
-        silu = g * sig
-        h = (silu * u).to(xs.dtype)  # (R, F) recomputed rather than saved
-        dh = ops["rows_nt"](dys, w2, ends).float()  # (R, F) = dys @ w2_e^T
-        dgate = (dh * u * sig * (1 + g * (1 - sig))).to(xs.dtype)  # d silu(g) / dg = sig * (1 + g * (1 - sig))
-        dup = (dh * silu).to(xs.dtype)
+        dh = ops["rows_nt"](dys, w2, ends)  # (R, F) = dys @ w2_e^T
+        h, dgate, dup = glu_backward(gate, up, dh)  # (R, F) each; h recomputed rather than saved
+        del dh
         need = ctx.needs_input_grad
+        dw2 = ops["wgrad"](h, dys, ends) if need[3] else None  # (E, F, D)
+        del h  # before the larger products below, to lower the peak
         dxs = ops["dx"](dgate, dup, w1, v1, ends) if need[0] else None  # (R, D)
-        dw1 = dv1 = dw2 = None
+        dw1 = dv1 = None
         if need[1] or need[2]:
             dw1, dv1 = ops["wgrad2"](dgate, dup, xs, ends)  # (E, F, D) each
-        if need[3]:
-            dw2 = ops["wgrad"](h, dys, ends)  # (E, F, D)
         return dxs, dw1, dv1, dw2, None, None
+
+
+GLU_CHUNK_ELEMENTS = 1 << 25  # eager backward: fp32 temporaries of at most this many elements (128 MB) each
+
+
+def glu_backward(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor):
+    """h = silu(gate) * up, d gate and d up from dh = dL/dh, all (R, F) in gate's dtype, computed in fp32.
+
+    Compiled, this is one fused pass. Eager, it runs in row chunks so that the fp32 temporaries stay small:
+    unchunked, they took 7 GB at DBRX's size (32768 routed rows x 10752) on top of the gradients.
+    """
+    rows = max(1, GLU_CHUNK_ELEMENTS // max(gate.shape[1], 1))
+    if torch.compiler.is_compiling() or gate.shape[0] <= rows:
+        return _glu_backward_rows(gate, up, dh)
+    h, dgate, dup = torch.empty_like(gate), torch.empty_like(gate), torch.empty_like(gate)
+    for s in range(0, gate.shape[0], rows):  # a handful of chunks by size, not per expert; no host sync
+        h[s:s + rows], dgate[s:s + rows], dup[s:s + rows] = _glu_backward_rows(
+            gate[s:s + rows], up[s:s + rows], dh[s:s + rows])
+    return h, dgate, dup
+
+
+def _glu_backward_rows(gate, up, dh):
+    g, u, d = gate.float(), up.float(), dh.float()
+    sig = torch.sigmoid(g)
+    silu = g * sig
+    dgate = d * u * sig * (1 + g * (1 - sig))  # d silu(g) / dg = sig * (1 + g * (1 - sig))
+    return (silu * u).to(gate.dtype), dgate.to(gate.dtype), (d * silu).to(gate.dtype)
 
 
 def _glu_loop(xs, w1, v1, w2, ends):
