@@ -111,6 +111,7 @@ for r in rows:
           f"{f(hf.get('tflops')):>10} {f(hf.get('peak_memory_gb')):>6} {f(r.get('ratio_tokens_per_s'), 2):>7} "
           f"{f(r.get('ratio_peak_memory'), 2):>6} {f(r.get('logits_rel_err'), 4):>9}  {r['expert_backend']}"
           f"{' ckpt=' + r['checkpointing'] if r['checkpointing'] != 'none' else ''}"
-          f"{'' if r['compile'] else ' eager'}")
+          f"{'' if r['compile'] else ' eager'}"
+          f"{'  transformers: ' + hf['error'] if hf.get('error') else ''}")
 EOF
 echo "files: $dir (bench.jsonl bench.log gpu_tests.log summary.txt); $((SECONDS - start))s" >&2

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import DbrxConfig
 from .kernels import attention
+from .kernels.loss import linear_cross_entropy
 from .moe import MoE, RouterStats, expert_load, load_balancing_loss, router_z_loss
 
 CHECKPOINT_MODES = ("none", "full", "selective")
@@ -134,7 +135,6 @@ class LossOutput:
     lb_loss: torch.Tensor
     z_loss: torch.Tensor
     expert_load: torch.Tensor  # (L, E) share of routed pairs per expert
-    logits: torch.Tensor | None = None
     n_tokens: torch.Tensor | None = None  # tokens that carried loss
 
 
@@ -267,7 +267,6 @@ class DbrxForCausalLM(nn.Module):
         doc_ids: torch.Tensor | None = None,
         shift: bool = True,
         z_loss_weight: float = 0.0,
-        return_logits: bool = False,
     ) -> LossOutput:
         """Next-token cross-entropy (labels -100 ignored) plus the weighted load-balancing loss.
 
@@ -278,15 +277,15 @@ class DbrxForCausalLM(nn.Module):
         h, stats = self.hidden_states(input_ids, attention_mask, position_ids, doc_ids)
         if shift:
             h, labels = h[:, :-1], labels[:, 1:]
-        logits = self.lm_head(h)
         n_tokens = (labels != -100).sum()
-        lm = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+        # the head and the loss in chunks: the (B, T, V) logits are never materialised (see kernels/loss.py)
+        lm = linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, labels.reshape(-1))
         lm = lm / n_tokens.clamp_min(1)
         f = self.config.ffn_config
         lb = load_balancing_loss(stats, f.moe_num_experts)
         z = router_z_loss(stats)
         loss = lm + f.moe_loss_weight * lb + (z_loss_weight * z if z_loss_weight else 0.0)
-        return LossOutput(loss, lm, lb, z, expert_load(stats).detach(), logits if return_logits else None, n_tokens)
+        return LossOutput(loss, lm, lb, z, expert_load(stats).detach(), n_tokens)
 
 
 def build_attention_mask(T, attention_mask, doc_ids, cache_pos, device) -> torch.Tensor | None:

@@ -37,6 +37,26 @@ def test_train_report_with_transformers_comparison():
     assert r["logits_rel_err"] < 1e-5  # fp32: both models compute the same function on the same weights
 
 
+def test_transformers_out_of_memory_keeps_our_numbers(monkeypatch):
+    pytest.importorskip("transformers")
+    import dbrx.bench as bench
+
+    measure, calls = bench._measure, []
+
+    def oom_second(*args, **kwargs):  # ours is measured first, then transformers runs out of memory
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 13.15 GiB")
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "_measure", oom_second)
+    r = run_bench("train", "dbrx-tiny", overrides=SMALL, batch=1, seq_len=8, dtype="fp32", steps=1, warmup=0,
+                  compare="transformers")
+    _positive(r, "tokens_per_s", "tflops")
+    assert r["transformers"]["error"] == "out of memory" and "13.15 GiB" in r["transformers"]["detail"]
+    assert "ratio_tokens_per_s" not in r and "logits_rel_err" not in r
+
+
 def test_prefill_report_mfu_with_peak_override():
     r = run_bench("prefill", "dbrx-tiny", overrides=SMALL, seq_len=8, dtype="fp32", steps=1, warmup=0, peak=0.5)
     _positive(r, "tokens_per_s", "tflops", "tflops_with_attention", "mfu")
