@@ -21,17 +21,14 @@ def _chunk_rows(n_rows: int, vocab: int, chunk_rows: int | None) -> int:
     return max(1, min(n_rows, chunk_rows or CHUNK_ELEMENTS // vocab))
 
 
-def _upcast(logits: torch.Tensor) -> torch.Tensor:
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays
-
-
-def _chunk_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
-    """fp32 logits (C, V), labels (C,) -> per-row loss (C,) (0 where ignored), logsumexp (C,), valid, target."""
-    valid = labels != ignore_index
-    target = labels.masked_fill(~valid, 0)  # (C,) any in-range id where ignored
-    lse = torch.logsumexp(logits, dim=-1)  # (C,)
-    picked = logits.gather(1, target[:, None]).squeeze(1)  # (C,)
-    return (lse - picked) * valid, lse, valid, target
+def _chunk_log_probs(h_c, weight, labels_c, ignore_index):
+    """-> log-softmax (C, V) in fp32 (fp64 stays), summed loss of the chunk, target ids (C,), the matmul dtype."""
+    mm = h_c @ weight.T  # (C, V) in the model dtype (autocast's under autocast), rounded as the plain head's
+    logp = torch.log_softmax(mm, dim=-1, dtype=torch.promote_types(mm.dtype, torch.float32))  # (C, V)
+    valid = labels_c != ignore_index
+    target = labels_c.masked_fill(~valid, 0)  # (C,) any in-range id where ignored
+    loss = -(logp.gather(1, target[:, None]).squeeze(1) * valid).sum()
+    return logp, loss, target, mm.dtype
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -40,29 +37,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
         dlogits = None
         for s in range(0, h.shape[0], rows):
-            mm = h[s:s + rows] @ weight.T  # (C, V) in the model dtype (autocast's under autocast), as the plain head
-            if dlogits is None:
-                dlogits = mm.new_empty(h.shape[0], weight.shape[0])  # (N, V)
-            logits = _upcast(mm)  # (C, V) fp32
-            del mm
-            loss, lse, valid, target = _chunk_loss(logits, labels[s:s + rows], ignore_index)
-            total += loss.sum()
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits (C, V)
-            grad.scatter_add_(1, target[:, None], -valid[:, None].to(grad.dtype))  # - onehot(label)
-            grad.mul_(valid[:, None])  # ignored rows carry no gradient
-            dlogits[s:s + rows] = grad  # (C, V) in the model dtype
-            del logits, grad  # before the next chunk's are made
-        ctx.save_for_backward(h, weight, dlogits)
+            logp, loss, target, dtype = _chunk_log_probs(h[s:s + rows], weight, labels[s:s + rows], ignore_index)
+            total += loss
+            grad = logp.exp_()  # softmax, in place (C, V)
+            grad.scatter_add_(1, target[:, None], grad.new_full((grad.shape[0], 1), -1.0))  # - onehot(label)
+            if rows >= h.shape[0]:  # one chunk: no copy
+                dlogits = grad.to(dtype)  # (N, V) in the model dtype
+            else:
+                if dlogits is None:
+                    dlogits = torch.empty(h.shape[0], weight.shape[0], dtype=dtype, device=h.device)
+                dlogits[s:s + rows] = grad
+            del logp, grad  # before the next chunk's are made
+        # ignored rows keep softmax - onehot(0) here; backward gives them zero weight through `row_scale`
+        ctx.save_for_backward(h, weight, dlogits, labels != ignore_index)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        h, weight, dlogits = ctx.saved_tensors
+        h, weight, dlogits, valid = ctx.saved_tensors
+        row_scale = (valid * grad_total)[:, None]  # (N, 1): the incoming gradient, 0 for ignored rows
         dh = dw = None
         if ctx.needs_input_grad[0]:
-            dh = ((dlogits @ weight.to(dlogits.dtype)) * grad_total).to(h.dtype)  # (N, D)
+            dh = ((dlogits @ weight.to(dlogits.dtype)) * row_scale).to(h.dtype)  # (N, D)
         if ctx.needs_input_grad[1]:
-            dw = (dlogits.T @ (h * grad_total).to(dlogits.dtype)).to(weight.dtype)  # (V, D)
+            dw = (dlogits.T @ (h * row_scale).to(dlogits.dtype)).to(weight.dtype)  # (V, D)
         return dh, dw, None, None, None
 
 
@@ -87,5 +85,5 @@ def linear_cross_entropy(
         return _LinearCrossEntropy.apply(h, weight, labels, ignore_index, rows)
     total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
     for s in range(0, h.shape[0], rows):  # no gradient wanted: the loss alone, chunk by chunk
-        total += _chunk_loss(_upcast(h[s:s + rows] @ weight.T), labels[s:s + rows], ignore_index)[0].sum()
+        total += _chunk_log_probs(h[s:s + rows], weight, labels[s:s + rows], ignore_index)[1]
     return total
