@@ -85,6 +85,10 @@ bench train_132b_selective    150 train   $R132 --batch 4 --seq-len 2048 --compi
 bench train_132b_full         150 train   $R132 --batch 4 --seq-len 2048 --compile --checkpointing full --steps 5 --warmup 3
 bench train_132b_eager        100 train   $R132 --batch 4 --seq-len 2048 --no-compile --steps 5 --warmup 2
 bench prefill_132b_eager       80 prefill $R132 --batch 1 --seq-len 2048 --no-compile --steps 10 --warmup 3
+# the fake-tensor memory estimates of the same steps (seconds, on the CPU), to compare with the measured peaks
+bench estimate_train_132b      60 train   $R132 --batch 4 --seq-len 2048 --estimate-memory
+bench estimate_prefill_132b    60 prefill $R132 --batch 1 --seq-len 2048 --estimate-memory
+bench estimate_train_9b        60 train   $R9 --batch 8 --seq-len 4096 --estimate-memory
 
 # ---- summary (printed last, also in summary.txt) ----------------------------------------------------------------
 "$PY" - "$jsonl" "$dir/gpu_tests.log" <<'EOF' | tee "$dir/summary.txt"
@@ -105,6 +109,9 @@ for r in rows:
         continue
     if "error" in r:
         print(f"{r['run']:24} {r['error']}: {r.get('detail', '')[-160:]}")
+        continue
+    if "estimated_peak_memory_gb" in r:
+        print(f"{r['run']:24} estimated peak {r['estimated_peak_memory_gb']:.1f} GB (eager, fake tensors)")
         continue
     hf = r.get("transformers", {})
     print(f"{r['run']:24} {r['tokens_per_s']:9.0f} {r['tflops']:8.1f} {f(r['mfu'], 3):>5} {f(r['peak_memory_gb']):>7} | "

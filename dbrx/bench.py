@@ -147,8 +147,13 @@ def run_bench(
     compare: str | None = None,
     peak: float | None = None,
     seed: int = 0,
+    estimate_memory: bool = False,
 ) -> dict:
-    """Benchmark one `train` step or one `prefill`; returns the report (see the module docstring)."""
+    """Benchmark one `train` step or one `prefill`; returns the report (see the module docstring).
+
+    With `estimate_memory`, nothing runs: the step is traced on fake tensors and its peak memory estimated
+    (dbrx.memory), for any size on any machine.
+    """
     from .cli import default_device, parse_dtype
     from .config import DbrxConfig
     from .kernels.experts import resolve_backend
@@ -169,8 +174,12 @@ def run_bench(
     cfg = DbrxConfig.from_preset(preset, **(overrides or {}))
     if seq_len > cfg.max_seq_len:
         raise ValueError(f"--seq-len {seq_len} exceeds the preset's max_seq_len {cfg.max_seq_len}")
-    dev = torch.device(device or default_device())
     torch_dtype = parse_dtype(dtype)
+    if estimate_memory:
+        if compare or compile:
+            raise ValueError("--estimate-memory traces our eager step only: drop --compare and --compile")
+        return _estimate(kind, cfg, preset, overrides, batch, seq_len, dtype, torch_dtype, checkpointing, backend)
+    dev = torch.device(device or default_device())
     peak = peak if peak is not None else peak_tflops(dev)
 
     model = DbrxForCausalLM.from_config(cfg, device=dev, dtype=torch_dtype, seed=seed)
@@ -224,6 +233,38 @@ def run_bench(
     return report
 
 
+def _estimate(kind, cfg, preset, overrides, batch, seq_len, dtype, torch_dtype, checkpointing, backend) -> dict:
+    from .memory import estimate_peak
+    from .model import DbrxForCausalLM
+
+    def build():
+        with _default_dtype(torch_dtype):  # built in the dtype: `.to()` cannot swap fake parameters
+            model = DbrxForCausalLM(cfg)
+        model.train(kind == "train")
+        for block in model.transformer.blocks:
+            block.ffn.backend = backend
+        model.set_activation_checkpointing(checkpointing)
+        return model, (torch.zeros(batch, seq_len, dtype=torch.long),)
+
+    def step(model, ids):
+        if kind == "train":
+            model.compute_loss(ids).loss.backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                model(ids)
+
+    est = estimate_peak(build, step)
+    gb = 1e9
+    return dict(
+        bench=kind, preset=preset, overrides=overrides or {}, batch=batch, seq_len=seq_len, dtype=dtype,
+        checkpointing=checkpointing, backend=backend, torch=torch.__version__,
+        estimate="fake tensors, eager step (see dbrx/memory.py)", params_gb=est["params"] / gb,
+        estimated_peak_memory_gb=est["peak"] / gb,
+        largest_at_peak=[f"{t['bytes'] / gb:.2f} GB {t['tensor']}" for t in est["at_peak"]],
+    )
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="measure training or prefill throughput (tokens/s, TFLOP/s, MFU, memory) as JSON",
@@ -246,6 +287,9 @@ def register(subparsers) -> None:
                    help="also run transformers' DbrxForCausalLM on the same config and weights; print the ratio")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)")
     p.add_argument("--seed", type=int, default=0, help="weights and tokens seed (default 0)")
+    p.add_argument("--estimate-memory", action="store_true",
+                   help="run nothing: trace the eager step on fake tensors and print its estimated peak memory "
+                        "(any size, on any machine, in seconds)")
     p.set_defaults(func=run)
 
 
@@ -256,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
         args.kind, preset=args.preset, overrides=parse_overrides(args.override), batch=args.batch,
         seq_len=args.seq_len, dtype=args.dtype, compile=args.compile, checkpointing=args.checkpointing,
         steps=args.steps, warmup=args.warmup, backend=args.backend, device=args.device, compare=args.compare,
-        peak=args.peak_tflops, seed=args.seed,
+        peak=args.peak_tflops, seed=args.seed, estimate_memory=args.estimate_memory,
     )
     print(json.dumps(report), flush=True)
     return 0

@@ -125,3 +125,36 @@ def test_gpu_logits_match_transformers(backend, dtype=torch.bfloat16, tol=3e-2):
         got = ours(ids).float()
     assert torch.isfinite(got).all()
     assert (got - ref).norm() / ref.norm() < tol
+
+
+def test_memory_estimate_counts_live_tensors_exactly():
+    from dbrx.memory import estimate_peak
+
+    def build():
+        return torch.nn.Linear(64, 32), (torch.zeros(8, 64),)
+
+    def step(layer, x):
+        with torch.no_grad():
+            y = layer(x)  # (8, 32) fp32
+            z = y * 2  # a second (8, 32) while y is alive
+            del y, z
+
+    est = estimate_peak(build, step)
+    assert est["params"] == (64 * 32 + 32) * 4 and est["inputs"] == 8 * 64 * 4
+    assert est["peak"] == est["params"] + est["inputs"] + 2 * 8 * 32 * 4
+    assert [t["bytes"] for t in est["at_peak"]] == [8 * 32 * 4, 8 * 32 * 4]
+
+
+def test_memory_estimate_of_steps():
+    kw = dict(overrides={"vocab_size": 512, "n_layers": 4}, batch=4, seq_len=64, estimate_memory=True)
+    train = {c: run_bench("train", "dbrx-tiny", checkpointing=c, **kw) for c in ("none", "selective", "full")}
+    prefill = run_bench("prefill", "dbrx-tiny", **kw)
+    params = train["none"]["params_gb"]
+    assert params == pytest.approx(DbrxConfig.from_preset("dbrx-tiny", vocab_size=512, n_layers=4).num_params()["total"]
+                                   * 2 / 1e9)  # bf16
+    assert train["none"]["estimated_peak_memory_gb"] > 2 * params  # weights, their gradients and activations
+    assert prefill["estimated_peak_memory_gb"] < train["none"]["estimated_peak_memory_gb"]
+    peaks = [train[c]["estimated_peak_memory_gb"] for c in ("none", "selective", "full")]
+    assert peaks[0] > peaks[1] > peaks[2], peaks  # less kept for backward, less memory
+    with pytest.raises(ValueError, match="estimate-memory"):
+        run_bench("train", "dbrx-tiny", compare="transformers", **kw)
