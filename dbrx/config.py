@@ -169,12 +169,19 @@ class DbrxConfig:
     # ---- presets -------------------------------------------------------------------------------------
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> DbrxConfig:
-        """A named preset, with overrides of any field, top-level or nested (`n_layers=2`, `moe_top_k=2`)."""
+        """A named preset with overrides of any field, top-level or nested: `n_layers=2`, `moe_top_k=2` or
+        `ffn_config.moe_top_k=2`."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
         d = json.loads(json.dumps(PRESETS[name]))  # deep copy
+        sections = {"attn_config": AttnConfig, "ffn_config": FFNConfig}
         for key, value in overrides.items():
-            if key in d or key in {f.name for f in dataclasses.fields(cls)}:
+            section, dot, field = key.partition(".")
+            if dot:  # an explicit section
+                if section not in sections or field not in {f.name for f in dataclasses.fields(sections[section])}:
+                    raise ValueError(f"unknown config field {key!r} in overrides")
+                d.setdefault(section, {})[field] = value
+            elif key in d or key in {f.name for f in dataclasses.fields(cls)}:
                 d[key] = value
             elif key in {f.name for f in dataclasses.fields(AttnConfig)}:
                 d.setdefault("attn_config", {})[key] = value

@@ -40,6 +40,11 @@ def test_overrides_top_level_and_nested():
     assert DbrxConfig.from_preset("dbrx-132b").n_layers == 40  # presets are not mutated
     with pytest.raises(ValueError, match="unknown config field"):
         DbrxConfig.from_preset("dbrx-tiny", n_layer=3)
+    dotted = DbrxConfig.from_preset("dbrx-132b", **{"ffn_config.ffn_hidden_size": 448, "attn_config.kv_n_heads": 4})
+    assert dotted.ffn_config.ffn_hidden_size == 448 and dotted.attn_config.kv_n_heads == 4
+    for bad in ("ffn_config.n_layers", "mlp_config.moe_top_k", "attn_config."):
+        with pytest.raises(ValueError, match="unknown config field"):
+            DbrxConfig.from_preset("dbrx-tiny", **{bad: 1})
 
 
 @pytest.mark.parametrize("bad, field", [
