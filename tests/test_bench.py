@@ -158,3 +158,16 @@ def test_memory_estimate_of_steps():
     assert peaks[0] > peaks[1] > peaks[2], peaks  # less kept for backward, less memory
     with pytest.raises(ValueError, match="estimate-memory"):
         run_bench("train", "dbrx-tiny", compare="transformers", **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["train", "prefill"])
+def test_gpu_memory_estimate_close_to_measured(kind):
+    """The fake-tensor estimate against CUDA's max_memory_allocated for the same eager bf16 step."""
+    # sizes where a cuBLAS workspace (tens of MB, not traced) is small next to the step
+    kw = dict(overrides={"d_model": 1024, "n_heads": 16, "n_layers": 2, "vocab_size": 32768, "ffn_hidden_size": 1792,
+                         "max_seq_len": 1024}, batch=8, seq_len=1024, dtype="bf16")
+    est = run_bench(kind, "dbrx-tiny", estimate_memory=True, **kw)["estimated_peak_memory_gb"]
+    measured = run_bench(kind, "dbrx-tiny", device="cuda", steps=1, warmup=1, **kw)["peak_memory_gb"]
+    assert 0.8 < measured / est < 1.25, (measured, est)

@@ -123,6 +123,16 @@ def test_chunked_backward_matches_reference(monkeypatch):
     _close(run("grouped_mm", *tensors), run("dense", *tensors, dtype=torch.float64), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["grouped_mm", pytest.param("triton", marks=needs_triton)])
+def test_inference_path_equals_autograd_path(backend):
+    x, weights, idx, w1, v1, w2 = make_case(0, 37, 32, 48, 6, 2, (2,))
+    with torch.no_grad():  # in-place SiLU and product, nothing saved
+        fast = expert_glu(x, weights, idx, w1, v1, w2, backend=backend)
+    w1.requires_grad_()
+    train = expert_glu(x, weights, idx, w1, v1, w2, backend=backend)
+    assert train.requires_grad and torch.equal(fast, train.detach())
+
+
 def test_sort_by_expert():
     idx = torch.tensor([[2, 0], [0, 3], [2, 1]])
     order, inverse, ends = sort_by_expert(idx, 5)

@@ -212,7 +212,11 @@ def expert_glu(
     xs = x[order // K]  # (R, D) routed rows, grouped by expert
     if backend == "loop":
         ys = _glu_loop(xs, w1, v1, w2, ends)
-    else:
+    elif torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, v1, w2)):
         ys = _GroupedGLU.apply(xs, w1, v1, w2, ends, backend)  # (R, D)
+    else:  # inference: nothing kept for backward, so SiLU and the product go in place (half the (R, F) memory)
+        ops = _OPS[backend]
+        gate, up = ops["up"](xs, w1, v1, ends)  # (R, F) each
+        ys = ops["rows_nn"](F.silu(gate, inplace=True).mul_(up), w2, ends)  # (R, D)
     ys = ys[inverse].view(N, K, -1)  # (N, K, D) back in token order
     return torch.einsum("nkd,nk->nd", ys, weights)  # (N, D)
