@@ -178,9 +178,12 @@ def test_dynamo_fullgraph_trace_expert_glu():
     tensors = make_case(0, 16, 16, 16, 4, 2, dtype=torch.bfloat16)
     backends = ["grouped_mm", "dense"] + (["triton"] if HAS_TRITON else [])
     for backend in backends:
-        torch._dynamo.reset()
-        explained = torch._dynamo.explain(lambda *t, b=backend: expert_glu(*t, backend=b))(*tensors)
-        assert explained.graph_break_count == 0 and explained.graph_count == 1, (backend, explained.break_reasons)
+        for training in (False, True):  # the in-place inference path and the autograd function
+            torch._dynamo.reset()
+            args = [t.detach().requires_grad_(training) if t.is_floating_point() else t for t in tensors]
+            explained = torch._dynamo.explain(lambda *t, b=backend: expert_glu(*t, backend=b))(*args)
+            assert explained.graph_break_count == 0 and explained.graph_count == 1, (backend, training,
+                                                                                     explained.break_reasons)
     torch._dynamo.reset()
     explained = torch._dynamo.explain(lambda *t: expert_glu(*t, backend="loop"))(*tensors)
     assert explained.graph_break_count > 0  # the loop reference syncs, as documented
