@@ -15,6 +15,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from dbrx import DbrxConfig  # noqa: E402
 from dbrx.kernels import attention, experts  # noqa: E402
@@ -79,6 +81,38 @@ def test_backend_matches_reference_fp32(backend, case):
     _close(got, ref, atol=2e-5, rtol=1e-4)
     for e in empty:  # experts that received no tokens get exactly zero weight gradients
         assert all(g[e].abs().max() == 0 for g in got[3:])
+
+
+@st.composite
+def shapes(draw):
+    """(seed, N, D, F, E, K, empty): D and F multiples of 4 (grouped_mm's 16-byte rule in fp32), at most E - K
+    experts without tokens (so that top-k never has to pick one of them)."""
+    E = draw(st.integers(1, 10))
+    K = draw(st.integers(1, E))
+    empty = draw(st.sets(st.integers(0, E - 1), max_size=E - K))
+    return (draw(st.integers(0, 2**16)), draw(st.integers(1, 40)), 4 * draw(st.integers(1, 10)),
+            4 * draw(st.integers(1, 12)), E, K, tuple(sorted(empty)))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=shapes())
+def test_random_shapes_match_reference(case):
+    seed, N, D, F, E, K, empty = case
+    tensors = make_case(seed, N, D, F, E, K, empty)
+    ref = run("dense", *tensors, dtype=torch.float64)
+    for backend in ("grouped_mm", "loop"):
+        got = run(backend, *tensors)
+        _close(got, ref, atol=2e-5, rtol=1e-4)
+        for e in empty:
+            assert all(g[e].abs().max() == 0 for g in got[3:]), (backend, e)
+
+
+@needs_triton
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # the interpreter is slow
+@given(case=shapes())
+def test_random_shapes_triton_matches_reference(case):
+    tensors = make_case(*case)
+    _close(run("triton", *tensors), run("dense", *tensors, dtype=torch.float64), atol=2e-5, rtol=1e-4)
 
 
 @needs_triton
