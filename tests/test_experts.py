@@ -144,10 +144,11 @@ def test_sum_backward_and_gradient_layout():
 @pytest.mark.parametrize("chunk", [1, 96, 1000])  # elements per chunk: 1 row, 2 rows, 20 rows (of 37 x 48)
 def test_glu_backward_in_chunks_equals_one_pass(monkeypatch, chunk):
     g = torch.Generator().manual_seed(7)
-    gate, up, dh = (torch.randn(37, 48, generator=g).to(torch.bfloat16) for _ in range(3))
-    whole = experts.glu_backward(gate, up, dh)  # small: one pass
+    gate, up, dhp = (torch.randn(37, 48, generator=g).to(torch.bfloat16) for _ in range(3))
+    p = torch.rand(37, generator=g).to(torch.bfloat16)
+    whole = experts.glu_backward(gate, up, dhp, p)  # small: one pass
     monkeypatch.setattr(experts, "GLU_CHUNK_ELEMENTS", chunk)
-    for name, a, b in zip(("h", "dgate", "dup"), experts.glu_backward(gate, up, dh), whole):
+    for name, a, b in zip(("hp", "dgate", "dup", "dp"), experts.glu_backward(gate, up, dhp, p), whole):
         assert torch.equal(a, b), name  # the same fp32 arithmetic per element, so bitwise equal
 
 

@@ -12,9 +12,11 @@ Backends (all exact up to floating-point rounding, all forward and backward):
   auto        CUDA: grouped_mm where it runs the shapes, else triton, else loop. CPU: grouped_mm where aligned,
               else loop (dense while compiling, where a host sync would break the graph)
 
-grouped_mm and triton share one autograd.Function: it saves the routed inputs and the gate/up activations
-(not silu(gate) * up, which backward recomputes), and writes each weight gradient once as (E, F, D). No path but
-`loop` synchronises with the host, so a block compiles with torch.compile(fullgraph=True).
+grouped_mm and triton share one autograd.Function (_GroupedMoE), from the tokens to the combined output: the
+router weight multiplies h before w2, and it keeps only the gate/up activations (R, F) beside its inputs (the
+routed copies of x are gathered again, p * silu(gate) * up recomputed), and writes each weight gradient once
+as (E, F, D). No path but `loop` synchronises with the host, so a block compiles with
+torch.compile(fullgraph=True).
 """
 
 from __future__ import annotations
@@ -120,62 +122,78 @@ _OPS = {
 }
 
 
-class _GroupedGLU(torch.autograd.Function):
-    """ys = (silu(xs @ w1_e^T) * (xs @ v1_e^T)) @ w2_e per expert group; explicit backward, weight grads (E, F, D)."""
+def _combine(rows: torch.Tensor, inverse: torch.Tensor, K: int) -> torch.Tensor:
+    """(R, D) rows in expert order -> (N, D): each token's K rows summed (a gather and a sum, deterministic)."""
+    return rows[inverse].view(-1, K, rows.shape[-1]).sum(1)  # (N, K, D) -> (N, D)
+
+
+class _GroupedMoE(torch.autograd.Function):
+    """y_n = sum over token n's K routed rows r of p_r * (silu(x_n @ w1_e^T) * (x_n @ v1_e^T)) @ w2_e, e = e(r).
+
+    x (N, D); p (R,) router weight of each routed row, rows sorted by expert; src (R,) the token of each row;
+    inverse (R,) the row of each (token, slot); ends (E,) group ends. Beside its inputs it keeps only the gate
+    and up activations (R, F): the routed copies of x are gathered again in backward and p is applied to h
+    before w2, so no (R, D) tensor is saved. Weight gradients are written once, as (E, F, D).
+    """
 
     @staticmethod
-    def forward(ctx, xs, w1, v1, w2, ends, backend: str):
+    def forward(ctx, x, p, w1, v1, w2, src, inverse, ends, backend: str):
         ops = _OPS[backend]
-        gate, up = ops["up"](xs, w1, v1, ends)  # (R, F) each
-        h = F.silu(gate) * up  # (R, F)
-        ys = ops["rows_nn"](h, w2, ends)  # (R, D)
-        ctx.save_for_backward(xs, w1, v1, w2, ends, gate, up)
+        gate, up = ops["up"](x[src], w1, v1, ends)  # (R, F) each from the routed rows (R, D)
+        hp = F.silu(gate).mul_(up).mul_(p[:, None])  # (R, F) p * silu(gate) * up, in place on a new tensor
+        y = _combine(ops["rows_nn"](hp, w2, ends), inverse, inverse.numel() // x.shape[0])  # (N, D)
+        ctx.save_for_backward(x, p, w1, v1, w2, src, inverse, ends, gate, up)
         ctx.backend = backend
-        return ys
+        return y
 
     @staticmethod
-    def backward(ctx, dys):
-        xs, w1, v1, w2, ends, gate, up = ctx.saved_tensors
+    def backward(ctx, dy):
+        x, p, w1, v1, w2, src, inverse, ends, gate, up = ctx.saved_tensors
         ops = _OPS[ctx.backend]
-        dys = dys.contiguous()  # an expanded (stride-0) gradient breaks the grouped kernels
-        dh = ops["rows_nt"](dys, w2, ends)  # (R, F) = dys @ w2_e^T
-        h, dgate, dup = glu_backward(gate, up, dh)  # (R, F) each; h recomputed rather than saved
-        del dh
+        dys = dy[src]  # (R, D) each row's output gradient is its token's (a gather: contiguous)
+        dhp = ops["rows_nt"](dys, w2, ends)  # (R, F) = dys @ w2_e^T
+        hp, dgate, dup, dp = glu_backward(gate, up, dhp, p)  # (R, F) x 3, (R,); hp recomputed rather than saved
+        del dhp
         need = ctx.needs_input_grad
-        dw2 = ops["wgrad"](h, dys, ends) if need[3] else None  # (E, F, D)
-        del h  # before the larger products below, to lower the peak
-        dxs = ops["dx"](dgate, dup, w1, v1, ends) if need[0] else None  # (R, D)
-        dw1 = dv1 = None
-        if need[1] or need[2]:
-            dw1, dv1 = ops["wgrad2"](dgate, dup, xs, ends)  # (E, F, D) each
-        return dxs, dw1, dv1, dw2, None, None
+        dw2 = ops["wgrad"](hp, dys, ends) if need[4] else None  # (E, F, D)
+        del hp, dys  # before the larger products below, to lower the peak
+        dx = dw1 = dv1 = None
+        if need[0]:
+            dx = _combine(ops["dx"](dgate, dup, w1, v1, ends), inverse, inverse.numel() // x.shape[0])  # (N, D)
+        if need[2] or need[3]:
+            dw1, dv1 = ops["wgrad2"](dgate, dup, x[src], ends)  # (E, F, D) each
+        return dx, dp if need[1] else None, dw1, dv1, dw2, None, None, None, None
 
 
 GLU_CHUNK_ELEMENTS = 1 << 25  # eager backward: fp32 temporaries of at most this many elements (128 MB) each
 
 
-def glu_backward(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor):
-    """h = silu(gate) * up, d gate and d up from dh = dL/dh, all (R, F) in gate's dtype, computed in fp32.
+def glu_backward(gate: torch.Tensor, up: torch.Tensor, dhp: torch.Tensor, p: torch.Tensor):
+    """For hp = p * silu(gate) * up: hp, d gate, d up (R, F) in gate's dtype and d p (R,) in p's, from dhp = dL/dhp.
 
-    Compiled, this is one fused pass. Eager, it runs in row chunks so that the fp32 temporaries stay small:
-    unchunked, they took 7 GB at DBRX's size (32768 routed rows x 10752) on top of the gradients.
+    Computed in fp32. Compiled, this is one fused pass. Eager, it runs in row chunks so that the fp32 temporaries
+    stay small: unchunked, they took 7 GB at DBRX's size (32768 routed rows x 10752) on top of the gradients.
     """
     rows = max(1, GLU_CHUNK_ELEMENTS // max(gate.shape[1], 1))
     if torch.compiler.is_compiling() or gate.shape[0] <= rows:
-        return _glu_backward_rows(gate, up, dh)
-    h, dgate, dup = torch.empty_like(gate), torch.empty_like(gate), torch.empty_like(gate)
+        return _glu_backward_rows(gate, up, dhp, p)
+    hp, dgate, dup, dp = torch.empty_like(gate), torch.empty_like(gate), torch.empty_like(gate), torch.empty_like(p)
     for s in range(0, gate.shape[0], rows):  # a handful of chunks by size, not per expert; no host sync
-        h[s:s + rows], dgate[s:s + rows], dup[s:s + rows] = _glu_backward_rows(
-            gate[s:s + rows], up[s:s + rows], dh[s:s + rows])
-    return h, dgate, dup
+        hp[s:s + rows], dgate[s:s + rows], dup[s:s + rows], dp[s:s + rows] = _glu_backward_rows(
+            gate[s:s + rows], up[s:s + rows], dhp[s:s + rows], p[s:s + rows])
+    return hp, dgate, dup, dp
 
 
-def _glu_backward_rows(gate, up, dh):
-    g, u, d = gate.float(), up.float(), dh.float()
+def _glu_backward_rows(gate, up, dhp, p):
+    g, u, d, w = gate.float(), up.float(), dhp.float(), p.float()[:, None]
     sig = torch.sigmoid(g)
     silu = g * sig
-    dgate = d * u * sig * (1 + g * (1 - sig))  # d silu(g) / dg = sig * (1 + g * (1 - sig))
-    return (silu * u).to(gate.dtype), dgate.to(gate.dtype), (d * silu).to(gate.dtype)
+    a = silu * u  # the expert activation before the router weight
+    dp = (d * a).sum(-1)  # (R,)
+    da = d * w
+    dgate = da * u * sig * (1 + g * (1 - sig))  # d silu(g) / dg = sig * (1 + g * (1 - sig))
+    dt = gate.dtype
+    return (a * w).to(dt), dgate.to(dt), (da * silu).to(dt), dp.to(p.dtype)
 
 
 def _glu_loop(xs, w1, v1, w2, ends):
@@ -209,14 +227,14 @@ def expert_glu(
         return _dense(x, weights, idx, w1, v1, w2)
     N, K = idx.shape
     order, inverse, ends = sort_by_expert(idx, w1.shape[0])
-    xs = x[order // K]  # (R, D) routed rows, grouped by expert
+    src = order // K  # (R,) the token of each routed row
+    p = weights.reshape(-1)[order]  # (R,) the router weight of each routed row
     if backend == "loop":
-        ys = _glu_loop(xs, w1, v1, w2, ends)
-    elif torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, v1, w2)):
-        ys = _GroupedGLU.apply(xs, w1, v1, w2, ends, backend)  # (R, D)
-    else:  # inference: nothing kept for backward, so SiLU and the product go in place (half the (R, F) memory)
-        ops = _OPS[backend]
-        gate, up = ops["up"](xs, w1, v1, ends)  # (R, F) each
-        ys = ops["rows_nn"](F.silu(gate, inplace=True).mul_(up), w2, ends)  # (R, D)
-    ys = ys[inverse].view(N, K, -1)  # (N, K, D) back in token order
-    return torch.einsum("nkd,nk->nd", ys, weights)  # (N, D)
+        return _combine(_glu_loop(x[src], w1, v1, w2, ends) * p[:, None], inverse, K)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, w1, v1, w2)):
+        return _GroupedMoE.apply(x, p, w1, v1, w2, src, inverse, ends, backend)  # (N, D)
+    # inference: nothing kept for backward, so SiLU and the products go in place (half the (R, F) memory)
+    ops = _OPS[backend]
+    gate, up = ops["up"](x[src], w1, v1, ends)  # (R, F) each
+    hp = F.silu(gate, inplace=True).mul_(up).mul_(p[:, None])  # (R, F)
+    return _combine(ops["rows_nn"](hp, w2, ends), inverse, K)  # (N, D)
