@@ -175,7 +175,13 @@ class DbrxConfig:
             raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
         d = json.loads(json.dumps(PRESETS[name]))  # deep copy
         sections = {"attn_config": AttnConfig, "ffn_config": FFNConfig}
-        for key, value in overrides.items():
+        items = []
+        for key, value in overrides.items():  # a section given as a dict updates the preset's, field by field
+            if key in sections and isinstance(value, dict):
+                items += [(f"{key}.{field}", v) for field, v in value.items()]
+            else:
+                items.append((key, value))
+        for key, value in items:
             section, dot, field = key.partition(".")
             if dot:  # an explicit section
                 if section not in sections or field not in {f.name for f in dataclasses.fields(sections[section])}:

@@ -42,6 +42,10 @@ def test_overrides_top_level_and_nested():
         DbrxConfig.from_preset("dbrx-tiny", n_layer=3)
     dotted = DbrxConfig.from_preset("dbrx-132b", **{"ffn_config.ffn_hidden_size": 448, "attn_config.kv_n_heads": 4})
     assert dotted.ffn_config.ffn_hidden_size == 448 and dotted.attn_config.kv_n_heads == 4
+    merged = DbrxConfig.from_preset("dbrx-9b", ffn_config={"moe_top_k": 2})  # updates the section, keeps the rest
+    assert merged.ffn_config.moe_top_k == 2 and merged.ffn_config.ffn_hidden_size == 3584
+    with pytest.raises(ValueError, match="ffn_config.top_k"):
+        DbrxConfig.from_preset("dbrx-9b", ffn_config={"top_k": 2})
     for bad in ("ffn_config.n_layers", "mlp_config.moe_top_k", "attn_config."):
         with pytest.raises(ValueError, match="unknown config field"):
             DbrxConfig.from_preset("dbrx-tiny", **{bad: 1})
