@@ -279,7 +279,7 @@ class DbrxForCausalLM(nn.Module):
             h, labels = h[:, :-1], labels[:, 1:]
         n_tokens = (labels != -100).sum()
         # the head and the loss in chunks: no fp32 (B, T, V) logits are kept (see kernels/loss.py)
-        lm = linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, labels.reshape(-1))
+        lm = linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, labels.reshape(-1))  # (N, D), (N,)
         lm = lm / n_tokens.clamp_min(1)
         f = self.config.ffn_config
         lb = load_balancing_loss(stats, f.moe_num_experts)
