@@ -168,6 +168,28 @@ def test_inference_path_equals_autograd_path(backend):
     assert train.requires_grad and torch.equal(fast, train.detach())
 
 
+@pytest.mark.parametrize("major, torch_version, expected", [
+    (9, (2, 6), "grouped_mm"), (10, (2, 9), "grouped_mm"), (10, (2, 8), "triton"), (8, (2, 11), "triton")])
+def test_auto_backend_on_cuda_by_architecture(monkeypatch, major, torch_version, expected):
+    """torch's grouped matmul has fast kernels on Hopper (and Blackwell from 2.9); elsewhere it loops with host
+    syncs, so `auto` takes the Triton kernels there. Fake CUDA tensors: no GPU needed."""
+    from types import SimpleNamespace
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(major=major))
+    monkeypatch.setattr(experts, "_TORCH", torch_version)
+    monkeypatch.setattr(experts, "_FAST_GMM", {})
+    monkeypatch.setattr(experts, "triton_supported", lambda x: True)
+    with FakeTensorMode():
+        x = torch.empty(8, 64, dtype=torch.bfloat16, device="cuda")
+        w = torch.empty(4, 128, 64, dtype=torch.bfloat16, device="cuda")
+        assert resolve_backend("auto", x, w) == expected
+        if expected != "grouped_mm":
+            with pytest.raises(ValueError, match="Hopper"):
+                resolve_backend("grouped_mm", x, w)
+
+
 def test_sort_by_expert():
     idx = torch.tensor([[2, 0], [0, 3], [2, 1]])
     order, inverse, ends = sort_by_expert(idx, 5)

@@ -9,8 +9,9 @@ Backends (all exact up to floating-point rounding, all forward and backward):
   dense       every expert on every token, combined with the router weights: E/K times the work, no sorting,
               no host sync; the independent reference for tests
   loop        per-expert matmuls over the sorted rows; needs the group sizes on the host (readable reference)
-  auto        CUDA: grouped_mm where it runs the shapes, else triton, else loop. CPU: grouped_mm where aligned,
-              else loop (dense while compiling, where a host sync would break the graph)
+  auto        CUDA: grouped_mm where torch has its fast kernels (Hopper; Blackwell from torch 2.9) for the shapes,
+              else triton (A100, L40S ...), else loop. CPU: grouped_mm where aligned, else loop (dense while
+              compiling, where a host sync would break the graph)
 
 grouped_mm and triton share one autograd.Function (_GroupedMoE), from the tokens to the combined output: the
 router weight multiplies h before w2, and it keeps only the gate/up activations (R, F) beside its inputs (the
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 BACKENDS = ("auto", "grouped_mm", "triton", "dense", "loop")
 
 _gmm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
 
 
 def sort_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -49,9 +51,27 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
         return False
     align = 16 // x.element_size()  # the kernels want 16-byte aligned strides
     aligned = x.shape[-1] % align == 0 and w.shape[1] % align == 0
-    if x.device.type == "cuda" or torch.compiler.is_compiling():  # its meta kernel (compile) accepts bf16 only
+    if x.device.type == "cuda":
+        return fast_grouped_mm_gpu(x.device) and aligned and x.dtype == torch.bfloat16
+    if torch.compiler.is_compiling():  # its meta kernel (compile) accepts bf16 only
         return aligned and x.dtype == torch.bfloat16
     return aligned and x.device.type == "cpu"
+
+
+_FAST_GMM: dict[int, bool] = {}  # CUDA device index -> torch's grouped matmul has fast kernels there
+
+
+def fast_grouped_mm_gpu(device: torch.device) -> bool:
+    """Whether torch's grouped matmul runs its CUTLASS kernels on this GPU: Hopper, and Blackwell from torch 2.9.
+
+    Elsewhere (A100, L40S ...) it falls back to a per-group loop that reads the group sizes on the host. The answer
+    is cached per device; `compile_blocks` asks before compiling, so compiled code only reads the cache.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _FAST_GMM:
+        major = torch.cuda.get_device_properties(index).major
+        _FAST_GMM[index] = major == 9 or (major == 10 and _TORCH >= (2, 9))
+    return _FAST_GMM[index]
 
 
 def triton_supported(x: torch.Tensor) -> bool:
@@ -74,7 +94,8 @@ def resolve_backend(backend: str, x: torch.Tensor, w: torch.Tensor) -> str:
     if backend == "grouped_mm" and not grouped_mm_supported(x, w):
         raise ValueError(
             f"expert backend 'grouped_mm' cannot run {x.dtype} on {x.device.type} with d_model={x.shape[-1]}, "
-            f"ffn_hidden_size={w.shape[1]} (needs torch._grouped_mm, 16-byte aligned sizes, bf16 on CUDA)"
+            f"ffn_hidden_size={w.shape[1]} (needs torch._grouped_mm, 16-byte aligned sizes, and on CUDA bf16 "
+            f"on a Hopper GPU, or Blackwell with torch >= 2.9; use --backend triton elsewhere)"
         )
     if backend == "triton" and not triton_supported(x):
         raise ValueError("expert backend 'triton' needs triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU)")

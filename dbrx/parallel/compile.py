@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..kernels.experts import fast_grouped_mm_gpu
 from .checkpointing import selective_checkpoint
 
 
@@ -37,6 +38,9 @@ def compile_blocks(model: nn.Module, fullgraph: bool = True, mode: str | None = 
     if blocks is None:
         raise ValueError("compile_blocks needs a DbrxForCausalLM-like model with `transformer.blocks`")
     ckpt = getattr(model, "activation_checkpointing", "none")
+    for p in model.parameters():  # device queries made now, in eager, so that compiled code only reads their cache
+        if p.device.type == "cuda":
+            fast_grouped_mm_gpu(p.device)
     for block in blocks:
         forward = block.forward
         if ckpt != "none":
