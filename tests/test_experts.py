@@ -350,3 +350,28 @@ def test_gpu_flex_attention_matches_sdpa_and_block_mask_is_sparse(monkeypatch):
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base < 256 * 2**20
     assert block_mask.shape[-2:] == (T, T)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("backend", ["auto", pytest.param("triton", marks=pytest.mark.skipif(
+    not HAS_CUDA_TRITON, reason="triton not installed"))])
+def test_gpu_moe_forward_backward_never_syncs(backend):
+    """CUDA's sync debug mode turns any host-device synchronisation in the MoE (router, sort, grouped GEMMs,
+    combine, statistics; forward and backward) into an error."""
+    moe = DbrxForCausalLM.from_config(tiny(), seed=0, device="cuda", dtype=torch.bfloat16).transformer.blocks[0].ffn
+    moe.backend = backend
+    x = torch.randn(4, 48, moe.router.layer.in_features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        y, stats = moe(x)
+        (y.float().square().mean() + stats.prob_sum.sum()).backward()
+
+    step()  # warm-up: Triton autotuning times its candidates, which synchronises
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(x.grad).all()
