@@ -114,9 +114,17 @@ class Block(nn.Module):
         self.resid_pdrop = cfg.resid_pdrop
 
     def forward(self, x, cos, sin, mask, token_mask=None, cache_pos=None) -> tuple[torch.Tensor, RouterStats]:
+        return self.moe(*self.attend(x, cos, sin, mask, cache_pos), token_mask)
+
+    def attend(self, x, cos, sin, mask, cache_pos=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention half: the residual stream h (B, T, D) after attention, and norm_2(h), the MoE's input."""
         n = self.norm_attn_norm
         h = x + F.dropout(n.attn(n.norm_1(x), cos, sin, mask, cache_pos), self.resid_pdrop, self.training)
-        y, stats = self.ffn(n.norm_2(h), token_mask)
+        return h, n.norm_2(h)
+
+    def moe(self, h, normed, token_mask=None, recompute: bool = False) -> tuple[torch.Tensor, RouterStats]:
+        """The MoE half; `recompute` has the experts recompute their gate/up activations in backward."""
+        y, stats = self.ffn(normed, token_mask, recompute=recompute)
         return h + F.dropout(y, self.resid_pdrop, self.training), stats
 
 

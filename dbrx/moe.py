@@ -78,8 +78,10 @@ class MoE(nn.Module):
             weights = weights / weights.norm(p=self.normalize_p, dim=-1, keepdim=True)
         return probs, weights, idx
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats]:
-        """x: (B, T, D); token_mask: (B, T) bool, False for padding (excluded from the statistics only)."""
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, recompute: bool = False
+                ) -> tuple[torch.Tensor, RouterStats]:
+        """x: (B, T, D); token_mask: (B, T) bool, False for padding (excluded from the statistics only);
+        recompute: keep no (routed rows, F) activations for backward, recompute them there (see expert_glu)."""
         B, T, D = x.shape
         x_nd = x.reshape(B * T, D)  # (N, D)
         logits = self.router(x_nd)  # (N, E)
@@ -89,7 +91,8 @@ class MoE(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # autocast does not reach the grouped GEMMs: cast as it would
             dt = torch.get_autocast_dtype(x.device.type)
             x_nd, w1, v1, w2 = x_nd.to(dt), w1.to(dt), v1.to(dt), w2.to(dt)
-        y_nd = expert_glu(x_nd, weights.to(x_nd.dtype), idx, w1, v1, w2, backend=self.backend)  # (N, D)
+        y_nd = expert_glu(x_nd, weights.to(x_nd.dtype), idx, w1, v1, w2, backend=self.backend,
+                          recompute=recompute)  # (N, D)
 
         stats = self.stats(logits, probs, idx, token_mask)
         return y_nd.view(B, T, D), stats

@@ -190,6 +190,22 @@ def test_auto_backend_on_cuda_by_architecture(monkeypatch, major, torch_version,
                 resolve_backend("grouped_mm", x, w)
 
 
+def test_recompute_keeps_no_expert_activations_and_gives_the_same_gradients():
+    N, D, F, E, K = 37, 32, 48, 6, 2
+    x, weights, idx, w1, v1, w2 = make_case(0, N, D, F, E, K, (2,))
+    results = {}
+    for recompute in (False, True):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weights, w1, v1, w2)]
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            y = expert_glu(leaves[0], leaves[1], idx, *leaves[2:], backend="grouped_mm", recompute=recompute)
+        y.square().sum().backward()
+        results[recompute] = [y.detach()] + [t.grad for t in leaves]
+        assert shapes.count((N * K, F)) == (0 if recompute else 2), (recompute, shapes)  # gate and up
+    for name, a, b in zip(NAMES, results[True], results[False]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)  # the same arithmetic, recomputed
+
+
 def test_sort_by_expert():
     idx = torch.tensor([[2, 0], [0, 3], [2, 1]])
     order, inverse, ends = sort_by_expert(idx, 5)

@@ -154,23 +154,25 @@ class _GroupedMoE(torch.autograd.Function):
     x (N, D); p (R,) router weight of each routed row, rows sorted by expert; src (R,) the token of each row;
     inverse (R,) the row of each (token, slot); ends (E,) group ends. Beside its inputs it keeps only the gate
     and up activations (R, F): the routed copies of x are gathered again in backward and p is applied to h
-    before w2, so no (R, D) tensor is saved. Weight gradients are written once, as (E, F, D).
+    before w2, so no (R, D) tensor is saved. With `recompute` it keeps not even those: backward runs the two
+    gate/up grouped GEMMs again (selective checkpointing). Weight gradients are written once, as (E, F, D).
     """
 
     @staticmethod
-    def forward(ctx, x, p, w1, v1, w2, src, inverse, ends, backend: str):
+    def forward(ctx, x, p, w1, v1, w2, src, inverse, ends, backend: str, recompute: bool):
         ops = _OPS[backend]
         gate, up = ops["up"](x[src], w1, v1, ends)  # (R, F) each from the routed rows (R, D)
         hp = F.silu(gate).mul_(up).mul_(p[:, None])  # (R, F) p * silu(gate) * up, in place on a new tensor
         y = _combine(ops["rows_nn"](hp, w2, ends), inverse, inverse.numel() // x.shape[0])  # (N, D)
-        ctx.save_for_backward(x, p, w1, v1, w2, src, inverse, ends, gate, up)
+        ctx.save_for_backward(x, p, w1, v1, w2, src, inverse, ends, *(() if recompute else (gate, up)))
         ctx.backend = backend
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, p, w1, v1, w2, src, inverse, ends, gate, up = ctx.saved_tensors
+        x, p, w1, v1, w2, src, inverse, ends, *gate_up = ctx.saved_tensors
         ops = _OPS[ctx.backend]
+        gate, up = gate_up or ops["up"](x[src], w1, v1, ends)  # recomputed under selective checkpointing
         dys = dy[src]  # (R, D) each row's output gradient is its token's (a gather: contiguous)
         dhp = ops["rows_nt"](dys, w2, ends)  # (R, F) = dys @ w2_e^T
         hp, dgate, dup, dp = glu_backward(gate, up, dhp, p)  # (R, F) x 3, (R,); hp recomputed rather than saved
@@ -183,7 +185,7 @@ class _GroupedMoE(torch.autograd.Function):
             dx = _combine(ops["dx"](dgate, dup, w1, v1, ends), inverse, inverse.numel() // x.shape[0])  # (N, D)
         if need[2] or need[3]:
             dw1, dv1 = ops["wgrad2"](dgate, dup, x[src], ends)  # (E, F, D) each
-        return dx, dp if need[1] else None, dw1, dv1, dw2, None, None, None, None
+        return dx, dp if need[1] else None, dw1, dv1, dw2, None, None, None, None, None
 
 
 GLU_CHUNK_ELEMENTS = 1 << 25  # eager backward: fp32 temporaries of at most this many elements (128 MB) each
@@ -241,8 +243,12 @@ def expert_glu(
     v1: torch.Tensor,
     w2: torch.Tensor,
     backend: str = "auto",
+    recompute: bool = False,
 ) -> torch.Tensor:
-    """x (N, D), router weights (N, K), expert ids (N, K), w1/v1/w2 (E, F, D) -> sum_k weight * expert(x): (N, D)."""
+    """x (N, D), router weights (N, K), expert ids (N, K), w1/v1/w2 (E, F, D) -> sum_k weight * expert(x): (N, D).
+
+    recompute: the grouped backends keep no (R, F) activations for backward and run the gate/up GEMMs again there.
+    """
     backend = resolve_backend(backend, x, w1)
     if backend == "dense":
         return _dense(x, weights, idx, w1, v1, w2)
@@ -253,7 +259,7 @@ def expert_glu(
     if backend == "loop":
         return _combine(_glu_loop(x[src], w1, v1, w2, ends) * p[:, None], inverse, K)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, w1, v1, w2)):
-        return _GroupedMoE.apply(x, p, w1, v1, w2, src, inverse, ends, backend)  # (N, D)
+        return _GroupedMoE.apply(x, p, w1, v1, w2, src, inverse, ends, backend, recompute)  # (N, D)
     # inference: nothing kept for backward, so SiLU and the products go in place (half the (R, F) memory)
     ops = _OPS[backend]
     gate, up = ops["up"](x[src], w1, v1, ends)  # (R, F) each

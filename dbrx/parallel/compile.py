@@ -19,11 +19,11 @@ from ..kernels.experts import fast_grouped_mm_gpu
 from .checkpointing import selective_checkpoint
 
 
-def _checkpointed_forward(forward, mode: str, *args):
+def _checkpointed_forward(block, forward, mode: str, *args):
     if not torch.is_grad_enabled():
         return forward(*args)
     if mode == "selective":
-        return selective_checkpoint(forward, *args)
+        return selective_checkpoint(block, *args)
     return checkpoint(forward, *args, use_reentrant=False)
 
 
@@ -44,7 +44,7 @@ def compile_blocks(model: nn.Module, fullgraph: bool = True, mode: str | None = 
     for block in blocks:
         forward = block.forward
         if ckpt != "none":
-            forward = partial(_checkpointed_forward, forward, ckpt)
+            forward = partial(_checkpointed_forward, block, forward, ckpt)
         block.forward = torch.compile(forward, fullgraph=fullgraph, mode=mode, dynamic=dynamic, backend=backend)
     if ckpt != "none":
         model.activation_checkpointing = "none"
