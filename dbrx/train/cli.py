@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
@@ -127,10 +128,15 @@ def _train(cfg, task: str, args: argparse.Namespace) -> int:
             if not args.no_sample:
                 text = trainer.sample()
                 print(f"--- sample ---\n{cfg.sample.prompt}{text}")
+        fsdp.barrier()  # the ranks leave together (only on success: after a failure the others may never come)
         return 0
     finally:
         if trainer is not None:
             trainer.close()
+        # release the sharded model (its process-group references and pending work) before the process group
+        # itself: gloo can abort the process at exit when they outlive it
+        trainer = None
+        gc.collect()
         fsdp.destroy()
 
 
