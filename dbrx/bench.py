@@ -7,7 +7,9 @@ Model FLOPs follow ../shared/tools/hf_dbrx_baseline.py so that numbers compare w
 A training step is forward + backward of `compute_loss` (no optimizer step, as in the baseline). Peak memory is
 CUDA's max_memory_allocated (null on the CPU). MFU is against the device's dense bf16 peak (null when unknown).
 With `--compare transformers`, `logits_rel_err` is |ours - theirs| / |theirs| over the last 8 positions' logits of
-the benchmark's tokens (about 1e-2 in bf16 when both compute the same function).
+the benchmark's tokens (about 1e-2 in bf16 when both compute the same function); if transformers runs out of
+memory, its entry says so and ours stands. `--estimate-memory` runs nothing: it traces the eager step on fake
+tensors and reports its estimated peak memory (dbrx/memory.py), for any size on any machine.
 """
 
 from __future__ import annotations
