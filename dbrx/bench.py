@@ -236,8 +236,15 @@ def run_bench(
 
 
 def _estimate(kind, cfg, preset, overrides, batch, seq_len, dtype, torch_dtype, checkpointing, backend) -> dict:
+    from .kernels.experts import resolve_backend
     from .memory import estimate_peak
     from .model import DbrxForCausalLM
+
+    w = torch.empty(1, 1, 1, dtype=torch_dtype).expand(1, cfg.ffn_config.ffn_hidden_size, cfg.d_model)  # (E, F, D)
+    if resolve_backend(backend, torch.empty(1, cfg.d_model, dtype=torch_dtype), w) == "loop":
+        raise ValueError("--estimate-memory traces the grouped expert path, which needs torch >= 2.8 "
+                         "(torch._grouped_mm), 16-byte aligned d_model and ffn_hidden_size, and --backend auto "
+                         "or grouped_mm; the loop reference reads group sizes on the host and cannot be traced")
 
     def build():
         with _default_dtype(torch_dtype):  # built in the dtype: `.to()` cannot swap fake parameters

@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from test_trainer import step_records, tiny_train_config, train
+
+from dbrx.parallel import fsdp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +28,7 @@ def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(fsdp._TORCH < (2, 7), reason="FSDP2 runs on the CPU from torch 2.7")
 def test_two_processes_match_one_and_resume(tmp_path):
     # single process: global batch 4 as 2 micro batches of 2 (the same micro batches the two ranks see)
     cfg = tiny_train_config(tmp_path, train={"steps": 4, "micro_batch": 2}, checkpoint={"interval": 2, "keep": 2})
@@ -46,3 +50,9 @@ def test_two_processes_match_one_and_resume(tmp_path):
     resumed = [(r["step"], r["loss"]) for r in step_records(tmp_path / "resumed")]
     assert [s for s, _ in resumed] == [3, 4]
     assert [x for _, x in resumed] == pytest.approx(single[2:], rel=1e-5, abs=1e-5)
+
+
+def test_old_torch_refuses_cpu_sharding_clearly(monkeypatch):
+    monkeypatch.setattr(fsdp, "_TORCH", (2, 6))
+    with pytest.raises(ValueError, match="torch >= 2.7"):
+        fsdp.shard_model(torch.nn.Linear(2, 2))

@@ -78,7 +78,15 @@ def triton_supported(x: torch.Tensor) -> bool:
     """Whether the Triton kernels can run on x's device (CUDA, or the CPU under TRITON_INTERPRET=1)."""
     if importlib.util.find_spec("triton") is None:
         return False
-    return x.device.type == "cuda" or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    if x.device.type == "cuda":
+        return True
+    if x.device.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:  # older Triton (3.2) cannot build its autotuner without a GPU driver, even in the interpreter
+        _tg()
+    except RuntimeError:
+        return False
+    return True
 
 
 def resolve_backend(backend: str, x: torch.Tensor, w: torch.Tensor) -> str:

@@ -50,8 +50,14 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world, local_rank, local_world, device)
 
 
+_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+
+
 def shard_model(model: nn.Module, bf16: bool = False) -> nn.Module:
     """fully_shard each block, then the root (embedding, final norm and head stay in the root's group)."""
+    if _TORCH < (2, 7) and next(model.parameters()).device.type == "cpu":
+        raise ValueError(f"sharded training on the CPU (several processes) needs torch >= 2.7, where FSDP2 runs on "
+                         f"the CPU; this is torch {torch.__version__}: use GPUs, one process, or a newer torch")
     mp = MixedPrecisionPolicy()
     if bf16:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
