@@ -60,10 +60,10 @@ rp = dict(a_ptr=P, b_ptr=P, a2_ptr=P, b2_ptr=P, c_ptr=P, c2_ptr=P, bounds_ptr="*
 wp = dict(a_ptr=P, a2_ptr=P, b_ptr=P, c_ptr=P, c2_ptr=P, bounds_ptr="*i32")
 # the strides the wrappers pass: a (R, K) row-major; b an (E, K, N) view of w1^T / v1^T (unit K stride) or of w2
 # (unit N stride); wgrad reads two row-major (R, .) operands
-UP = dict(N=F, K=D, s_am=D, s_ak=1, s_be=F * D, s_bk=1, s_bn=D, s_cm=F, s_cn=1)  # x (R, D) @ w^T: (R, F)
-DOWN = dict(N=D, K=F, s_am=F, s_ak=1, s_be=F * D, s_bk=D, s_bn=1, s_cm=D, s_cn=1)  # h (R, F) @ w: (R, D)
+UP = dict(R=R, N=F, K=D, s_am=D, s_ak=1, s_be=F * D, s_bk=1, s_bn=D, s_cm=F, s_cn=1)  # x (R, D) @ w^T: (R, F)
+DOWN = dict(R=R, N=D, K=F, s_am=F, s_ak=1, s_be=F * D, s_bk=D, s_bn=1, s_cm=D, s_cn=1)  # h (R, F) @ w: (R, D)
 WGRAD = dict(M=F, N=D, s_ar=F, s_am=1, s_br=D, s_bn=1, s_ce=F * D, s_cm=D, s_cn=1)  # a_e^T (F, R_e) @ b_e (R_e, D)
-ROWS = dict(E=E, IEEE=False, UPCAST=False)
+ROWS = dict(E=E, IEEE=False, UPCAST=False, GROUP_M=tg.GROUP_M)
 calls = {  # name: (kernel, pointer types, int args, constexprs)
     "up (x @ w1^T, v1^T)": (tg._rows_kernel, rp, UP, dict(ROWS, HAS2=True, SHARE_A=True, ADD2=False)),
     "down (h @ w2)": (tg._rows_kernel, rp, DOWN, dict(ROWS, HAS2=False, SHARE_A=True, ADD2=False)),
