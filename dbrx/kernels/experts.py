@@ -28,10 +28,11 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..compat import TORCH_VERSION as _TORCH  # patched by tests
+
 BACKENDS = ("auto", "grouped_mm", "triton", "dense", "loop")
 
 _gmm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
 
 
 def sort_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -38,9 +38,9 @@ def compile_blocks(model: nn.Module, fullgraph: bool = True, mode: str | None = 
     if blocks is None:
         raise ValueError("compile_blocks needs a DbrxForCausalLM-like model with `transformer.blocks`")
     ckpt = getattr(model, "activation_checkpointing", "none")
-    for p in model.parameters():  # device queries made now, in eager, so that compiled code only reads their cache
-        if p.device.type == "cuda":
-            fast_grouped_mm_gpu(p.device)
+    device = next(model.parameters()).device
+    if device.type == "cuda":  # the device query made now, in eager, so that compiled code only reads its cache
+        fast_grouped_mm_gpu(device)
     for block in blocks:
         forward = block.forward
         if ckpt != "none":

@@ -16,6 +16,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+from ..compat import TORCH_VERSION as _TORCH  # patched by tests
+
 
 @dataclass
 class DistInfo:
@@ -48,9 +50,6 @@ def init_distributed() -> DistInfo:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistInfo(rank, world, local_rank, local_world, device)
-
-
-_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
 
 
 def shard_model(model: nn.Module, bf16: bool = False) -> nn.Module:
