@@ -1,6 +1,7 @@
 """`dbrx bench train|prefill`: throughput, model TFLOP/s, MFU and peak memory, optionally against transformers.
 
-Model FLOPs follow ../shared/tools/hf_dbrx_baseline.py so that numbers compare with REFERENCE.md:
+Model FLOPs (DbrxConfig.flops_per_token, the one formula) follow ../shared/tools/hf_dbrx_baseline.py so that
+numbers compare with REFERENCE.md:
   active matmul params P = attention + router + top-k experts + lm head (the embedding lookup is free)
   train    6 * P + 6 * n_layers * d_model * T per token (fwd + bwd, causal attention)
   prefill  2 * P per token (as the baseline); `tflops_with_attention` adds 2 * n_layers * d_model * T
@@ -14,36 +15,26 @@ tensors and reports its estimated peak memory (dbrx/memory.py), for any size on 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import copy
 import datetime
 import gc
-import json
 import statistics
 import time
 
 import torch
 
-# Dense bf16 peak TFLOP/s by device name (tensor cores, no sparsity).
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
-                    "A800": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0}
+from .devices import parse_dtype, peak_flops, resolve_device
+from .hf_checkpoint import state_dict_to_transformers, transformers_config
 
 
 def peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):  # GH200 before H200
-        if key in name:
-            return PEAK_BF16_TFLOPS[key]
-    return None
+    peak = peak_flops(device)
+    return peak / 1e12 if peak else None
 
 
 def active_matmul_params(cfg) -> int:
-    """Weights multiplied per token: attention, router, the top-k experts and the lm head."""
-    n, f = cfg.num_params(), cfg.ffn_config
-    return n["attention"] + n["router"] + n["experts"] * f.moe_top_k // f.moe_num_experts + cfg.vocab_size * cfg.d_model
+    """Weights multiplied per token (dbrx.config: the one FLOP formula)."""
+    return cfg.active_matmul_params()
 
 
 def _sync(device: torch.device) -> None:
@@ -70,12 +61,11 @@ def _measure(kind: str, step, cfg, batch: int, seq_len: int, steps: int, warmup:
         torch.cuda.reset_peak_memory_stats(device)
     seconds = _time(step, steps, warmup, device)
     tokens = batch * seq_len
-    p = active_matmul_params(cfg)
-    attn = 2 * cfg.n_layers * cfg.d_model * seq_len  # causal QK^T and PV per token, forward
-    per_token = 6 * p + 3 * attn if kind == "train" else 2 * p
+    # train: the config's training FLOPs (attention included); prefill: 2 * P as the baseline, and with attention
+    per_token = cfg.flops_per_token(seq_len, training=True) if kind == "train" else 2 * cfg.active_matmul_params()
     out = dict(seconds_per_step=seconds, tokens_per_s=tokens / seconds, tflops=per_token * tokens / seconds / 1e12)
     if kind == "prefill":
-        out["tflops_with_attention"] = (2 * p + attn) * tokens / seconds / 1e12
+        out["tflops_with_attention"] = cfg.flops_per_token(seq_len, training=False) * tokens / seconds / 1e12
     out["mfu"] = out["tflops"] / peak if peak else None
     out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     return out
@@ -111,23 +101,16 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def transformers_model(model, device: torch.device, dtype: torch.dtype):
-    """transformers' DbrxForCausalLM with our model's config and a copy of its weights (experts reshaped)."""
+    """transformers' DbrxForCausalLM with our model's config and a copy of its weights (hf_checkpoint's adapter)."""
     try:
         import transformers
     except ImportError:
         raise ValueError("--compare transformers needs the `transformers` package") from None
-    cfg = model.config
-    if cfg.attn_config.clip_qkv is None:
-        raise ValueError("--compare transformers: transformers 5.x crashes with clip_qkv=None; set a clip value")
-    d = copy.deepcopy(cfg.to_hf_dict())
-    d["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.attn_config.rope_theta}  # see REFERENCE.md
-    d.pop("torch_dtype", None)
-    hf_cfg = transformers.DbrxConfig(**d)
+    hf_cfg = transformers_config(model.config)
     hf_cfg._attn_implementation = "sdpa"
     with torch.device(device), _default_dtype(dtype):
         hf = transformers.DbrxForCausalLM(hf_cfg)
-    state = {k: v.reshape(-1, v.shape[-1]) if v.dim() == 3 else v for k, v in model.state_dict().items()}  # (E*F, D)
-    hf.load_state_dict(state, strict=True)
+    hf.load_state_dict(state_dict_to_transformers(model.state_dict()), strict=True)
     # Built under the default dtype, the parameters are already `dtype`; no `hf.to(dtype)`, which would also round
     # the rotary `inv_freq` buffers (fp32 in transformers) to bf16 and shift the logits at long positions.
     return hf
@@ -156,18 +139,18 @@ def run_bench(
     With `estimate_memory`, nothing runs: the step is traced on fake tensors and its peak memory estimated
     (dbrx.memory), for any size on any machine.
     """
-    from .cli import default_device, parse_dtype
     from .config import DbrxConfig
     from .kernels.experts import resolve_backend
-    from .model import CHECKPOINT_MODES, DbrxForCausalLM
+    from .model import DbrxForCausalLM
+    from .parallel.activation_checkpoint import MODES, apply_activation_checkpointing
     from .parallel.compile import compile_blocks
 
     if kind not in ("train", "prefill"):
         raise ValueError(f"bench kind must be 'train' or 'prefill', got {kind!r}")
     if compare not in (None, "transformers"):
         raise ValueError(f"--compare supports only 'transformers', got {compare!r}")
-    if checkpointing not in CHECKPOINT_MODES:
-        raise ValueError(f"--checkpointing must be one of {', '.join(CHECKPOINT_MODES)}, got {checkpointing!r}")
+    if checkpointing not in MODES:
+        raise ValueError(f"--checkpointing must be one of {', '.join(MODES)}, got {checkpointing!r}")
     for name, value in (("batch", batch), ("seq-len", seq_len), ("steps", steps)):
         if value < 1:
             raise ValueError(f"--{name} must be positive, got {value}")
@@ -181,7 +164,7 @@ def run_bench(
         if compare or compile:
             raise ValueError("--estimate-memory traces our eager step only: drop --compare and --compile")
         return _estimate(kind, cfg, preset, overrides, batch, seq_len, dtype, torch_dtype, checkpointing, backend)
-    dev = torch.device(device or default_device())
+    dev = resolve_device(device)
     peak = peak if peak is not None else peak_tflops(dev)
 
     model = DbrxForCausalLM.from_config(cfg, device=dev, dtype=torch_dtype, seed=seed)
@@ -190,7 +173,7 @@ def run_bench(
     expert_backend = resolve_backend(backend, torch.empty(1, cfg.d_model, dtype=torch_dtype, device=dev), w1)
     for block in model.transformer.blocks:
         block.ffn.backend = backend
-    model.set_activation_checkpointing(checkpointing)
+    apply_activation_checkpointing(model, checkpointing)
     if compile:
         compile_blocks(model, fullgraph=True)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq_len), device=dev, generator=torch.Generator().manual_seed(seed)
@@ -239,6 +222,7 @@ def _estimate(kind, cfg, preset, overrides, batch, seq_len, dtype, torch_dtype, 
     from .kernels.experts import resolve_backend
     from .memory import estimate_peak
     from .model import DbrxForCausalLM
+    from .parallel.activation_checkpoint import apply_activation_checkpointing
 
     w = torch.empty(1, 1, 1, dtype=torch_dtype).expand(1, cfg.ffn_config.ffn_hidden_size, cfg.d_model)  # (E, F, D)
     if resolve_backend(backend, torch.empty(1, cfg.d_model, dtype=torch_dtype), w) == "loop":
@@ -252,7 +236,7 @@ def _estimate(kind, cfg, preset, overrides, batch, seq_len, dtype, torch_dtype, 
         model.train(kind == "train")
         for block in model.transformer.blocks:
             block.ffn.backend = backend
-        model.set_activation_checkpointing(checkpointing)
+        apply_activation_checkpointing(model, checkpointing)
         return model, (torch.zeros(batch, seq_len, dtype=torch.long),)
 
     def step(model, ids):
@@ -272,44 +256,3 @@ def _estimate(kind, cfg, preset, overrides, batch, seq_len, dtype, torch_dtype, 
         estimated_peak_memory_gb=est["peak"] / gb,
         largest_at_peak=[f"{t['bytes'] / gb:.2f} GB {t['tensor']}" for t in est["at_peak"]],
     )
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "bench", help="measure training or prefill throughput (tokens/s, TFLOP/s, MFU, memory) as JSON",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("kind", choices=("train", "prefill"), help="a training step (fwd + bwd) or a prefill forward")
-    p.add_argument("--preset", default="dbrx-tiny", help="preset name (default dbrx-tiny)")
-    p.add_argument("--override", action="append", metavar="KEY=VALUE", help="config override, e.g. n_layers=2")
-    p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
-    p.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32 (default bf16)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile each block with fullgraph=True (default off)")
-    p.add_argument("--checkpointing", default="none", help="activation checkpointing: none, full or selective")
-    p.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported (default 5)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    p.add_argument("--backend", default="auto", help="expert backend: auto, grouped_mm, triton, dense, loop")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--compare", default=None, metavar="transformers",
-                   help="also run transformers' DbrxForCausalLM on the same config and weights; print the ratio")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)")
-    p.add_argument("--seed", type=int, default=0, help="weights and tokens seed (default 0)")
-    p.add_argument("--estimate-memory", action="store_true",
-                   help="run nothing: trace the eager step on fake tensors and print its estimated peak memory "
-                        "(any size, on any machine, in seconds)")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from .cli import parse_overrides
-
-    report = run_bench(
-        args.kind, preset=args.preset, overrides=parse_overrides(args.override), batch=args.batch,
-        seq_len=args.seq_len, dtype=args.dtype, compile=args.compile, checkpointing=args.checkpointing,
-        steps=args.steps, warmup=args.warmup, backend=args.backend, device=args.device, compare=args.compare,
-        peak=args.peak_tflops, seed=args.seed, estimate_memory=args.estimate_memory,
-    )
-    print(json.dumps(report), flush=True)
-    return 0

@@ -25,10 +25,9 @@ from torch import nn
 
 from .model import KVCache
 from .tokenizer import DEFAULT_SYSTEM_PROMPT
+from .tokens import REAL_VOCAB_SIZE, STOP_IDS, UNUSED_IDS
 
-DBRX_STOP_IDS = (100257, 100279)  # <|endoftext|>, <|im_end|>
-REAL_VOCAB_SIZE = 100280  # cl100k_base ids plus DBRX's special tokens; higher rows of the head are padding
-UNUSED_IDS = (100256, *range(100261, 100276))  # gaps in cl100k_base's ids below 100280: no token, cannot be decoded
+DBRX_STOP_IDS = STOP_IDS  # <|endoftext|>, <|im_end|>
 
 
 # ---- sampling -----------------------------------------------------------------------------------------------
@@ -136,12 +135,19 @@ def sample_next(
     generator: torch.Generator | None = None,
     seen_ids: torch.Tensor | None = None,
     vocab_limit: int | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
-    """Pick the next token of each row: logits (B, V) -> ids (B,) int64. See process_logits for the steps."""
+    """Pick the next token of each row: logits (B, V) -> ids (B,) int64. See process_logits for the steps.
+
+    `check`: a ValueError for NaN logits (a host sync; the decode loop makes its own check instead).
+    """
+    if check and bool(torch.isnan(logits).any()):
+        raise ValueError("cannot sample from NaN logits (the model's weights or activations are not finite)")
     logits = process_logits(logits, params, seen_ids, vocab_limit)
     if params.greedy:
         return logits.argmax(-1)
-    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # (B, V); a NaN row is reported by the caller
+    probs[probs.sum(-1) == 0, 0] = 1.0  # a NaN row must not crash multinomial before the check reports it
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -182,6 +188,19 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
             raise ValueError(f"prompt {i} has token ids that are not ints in [0, {vocab_size}): {bad[:5]}")
 
 
+def check_request(cfg, prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
+    """ValueError when the prompts are malformed or do not fit in the model's context with max_new_tokens."""
+    _check_prompts(prompts, cfg.vocab_size)
+    params.validate()
+    P = max(len(p) for p in prompts)
+    needed = P + params.max_new_tokens
+    if needed > cfg.max_seq_len:
+        raise ValueError(
+            f"longest prompt ({P} tokens) + max_new_tokens ({params.max_new_tokens}) = {needed} exceeds the "
+            f"model's max_seq_len {cfg.max_seq_len}"
+        )
+
+
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -210,17 +229,11 @@ def _decode_loop(
     """Yield (ids (B,), live (B,) bool) per step; `live` is False for rows already finished before this token
     or ending on it with a stop id. Ends when every row has stopped or after max_new_tokens steps."""
     cfg = model.config
-    _check_prompts(prompts, cfg.vocab_size)
-    params.validate()
+    check_request(cfg, prompts, params)
     B = len(prompts)
     lengths = [len(p) for p in prompts]
     P = max(lengths)
     needed = P + params.max_new_tokens
-    if needed > cfg.max_seq_len:
-        raise ValueError(
-            f"longest prompt ({P} tokens) + max_new_tokens ({params.max_new_tokens}) = {needed} exceeds the "
-            f"model's max_seq_len {cfg.max_seq_len}"
-        )
     max_len = needed if cache_len is None else cache_len
     if not needed <= max_len <= cfg.max_seq_len:
         raise ValueError(
@@ -253,8 +266,12 @@ def _decode_loop(
     for t in range(params.max_new_tokens):
         if len(unused):
             logits = logits.index_fill(1, unused, -math.inf)
-        ids = sample_next(logits, params, generator, seen, limit)  # (B,)
+        bad = torch.isnan(logits).any()  # read with live.any() below: one host sync per step, as before
+        ids = sample_next(logits, params, generator, seen, limit, check=False)  # (B,)
         live = live & ~torch.isin(ids, stop_ids)
+        if bool(bad):
+            raise ValueError(f"the model produced NaN logits at generated token {t + 1}: its weights or "
+                             f"activations hold non-finite values (check the checkpoint, or use fp32/bf16)")
         yield ids, live
         if t == params.max_new_tokens - 1 or not bool(live.any()):
             return
@@ -399,8 +416,9 @@ def stream_text(
     """
     params = params or SamplingParams()
     ids = encode_prompt(tokenizer, prompt, chat, system_prompt)
+    check_request(model.config, [ids], params)  # now, not at the first next(): callers may print the prompt after
     limit = min(model.config.vocab_size, getattr(tokenizer, "n_words", REAL_VOCAB_SIZE))
-    yield from stream_pieces(stream_ids(model, ids, params, limit, compile, cache_len), tokenizer, params.stop_strings)
+    return stream_pieces(stream_ids(model, ids, params, limit, compile, cache_len), tokenizer, params.stop_strings)
 
 
 def generate_text(

@@ -8,9 +8,10 @@ How DBRX differs from a plain GPT decoder:
 - the FFN is a fine-grained mixture of experts: 16 GLU/SiLU experts, 4 chosen per token (see moe.py);
 - untied input embedding and output head.
 
-Sharding, compilation and quantization are applied to this model from outside. Module and parameter names
-follow the Hugging Face checkpoint layout (`transformer.blocks.{i}.norm_attn_norm.attn.Wqkv` ...), except that
-expert weights are stacked `(E, F, D)` tensors (the checkpoint adapter reshapes them).
+Activation checkpointing, sharding, compilation and quantization are applied to this model from outside
+(dbrx.parallel, ...). Module and parameter names follow the Hugging Face checkpoint layout
+(`transformer.blocks.{i}.norm_attn_norm.attn.Wqkv` ...), except that expert weights are stacked `(E, F, D)`
+tensors (dbrx.hf_checkpoint reshapes them). Imports: config, kernels, moe (and hf_checkpoint, for from_pretrained).
 """
 
 from __future__ import annotations
@@ -20,14 +21,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .config import DbrxConfig
 from .kernels import attention
 from .kernels.loss import linear_cross_entropy
 from .moe import MoE, RouterStats, expert_load, load_balancing_loss, router_z_loss
-
-CHECKPOINT_MODES = ("none", "full", "selective")
 
 
 # ---- rotary embeddings --------------------------------------------------------------------------------
@@ -152,7 +150,6 @@ class DbrxForCausalLM(nn.Module):
         self.config = cfg
         self.transformer = Transformer(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.activation_checkpointing = "none"  # one of CHECKPOINT_MODES
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -176,23 +173,29 @@ class DbrxForCausalLM(nn.Module):
                 p.normal_(0.0, std)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None) -> DbrxForCausalLM:
-        """Load a Hugging Face-format DBRX checkpoint directory (see dbrx.checkpoint)."""
-        from .checkpoint import load_pretrained
+    def from_pretrained(cls, path, dtype=None, device=None, allow_nonfinite: bool = False) -> DbrxForCausalLM:
+        """Load a Hugging Face-format DBRX checkpoint directory (stacked or split experts; see dbrx.hf_checkpoint).
 
-        return load_pretrained(path, dtype=dtype, device=device)
+        The model is built on the meta device and each tensor is read from the memory-mapped files, converted and
+        assigned, so the weights exist once. dtype: default the checkpoint's; device: default CPU.
+        """
+        from .hf_checkpoint import read_checkpoint
 
-    def save_pretrained(self, path, max_shard_bytes: int = 4 * 2**30) -> None:
-        """Write `config.json` and safetensors shards in the Hugging Face (stacked experts) layout."""
-        from .checkpoint import save_pretrained
+        with read_checkpoint(path, dtype=dtype, device=device, allow_nonfinite=allow_nonfinite) as (cfg, tensors):
+            model = cls.from_config(cfg, device="meta")
+            for name, t in tensors:
+                mod_name, _, leaf = name.rpartition(".")
+                module = model.get_submodule(mod_name)
+                module._parameters[leaf] = nn.Parameter(t, requires_grad=module._parameters[leaf].requires_grad)
+        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        assert not left, f"tensors left on the meta device after loading: {left[:5]}"
+        return model
 
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+    def save_pretrained(self, path, max_shard_bytes: int = 4 * 2**30, dtype=None) -> None:
+        """Write `config.json` and safetensors shards in the Hugging Face (stacked experts) layout, atomically."""
+        from .hf_checkpoint import save_state_dict
 
-    def set_activation_checkpointing(self, mode: str | bool) -> None:
-        mode = {True: "full", False: "none"}.get(mode, mode)
-        if mode not in CHECKPOINT_MODES:
-            raise ValueError(f"activation checkpointing must be one of {', '.join(CHECKPOINT_MODES)}, got {mode!r}")
-        self.activation_checkpointing = mode
+        save_state_dict(self.state_dict(), self.config, path, max_shard_bytes=max_shard_bytes, dtype=dtype)
 
     # ---- KV cache -------------------------------------------------------------------------------------
     def setup_cache(self, batch: int, max_len: int, dtype=None, device=None) -> None:
@@ -246,20 +249,10 @@ class DbrxForCausalLM(nn.Module):
         x = self.transformer.wte(input_ids)  # (B, T, D)
         x = F.dropout(x, self.config.emb_pdrop, self.training)
         stats: list[RouterStats] = []
-        for block in self.transformer.blocks:
-            if self.activation_checkpointing != "none" and torch.is_grad_enabled():
-                x, s = self._checkpointed(block, x, cos, sin, mask, token_mask, cache_pos)
-            else:
-                x, s = block(x, cos, sin, mask, token_mask, cache_pos)
+        for block in self.transformer.blocks:  # (activation checkpointing wraps block.forward from outside)
+            x, s = block(x, cos, sin, mask, token_mask, cache_pos)
             stats.append(s)
         return self.transformer.norm_f(x), stats
-
-    def _checkpointed(self, block, *args):
-        if self.activation_checkpointing == "selective":
-            from .parallel.checkpointing import selective_checkpoint
-
-            return selective_checkpoint(block, *args)
-        return checkpoint(block, *args, use_reentrant=False)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, doc_ids=None, cache_pos=None):
         """Token ids (B, T) -> logits (B, T, V)."""
@@ -325,4 +318,4 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["DbrxForCausalLM", "LossOutput", "KVCache", "CHECKPOINT_MODES", "build_attention_mask"]
+__all__ = ["DbrxForCausalLM", "LossOutput", "KVCache", "build_attention_mask"]

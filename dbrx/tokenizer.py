@@ -16,6 +16,15 @@ from pathlib import Path
 
 import tiktoken
 
+from .tokens import (  # noqa: F401  (re-exported: the tokenizer's public names)
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    PAD,
+    PADDED_VOCAB_SIZE,
+    SPECIAL_TOKENS,
+)
+
 __all__ = [
     "BPE_FILENAME",
     "BPE_SHA256",
@@ -39,25 +48,6 @@ CL100K_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|"""
     r"""\s+(?!\S)|\s"""
 )
-
-ENDOFTEXT = "<|endoftext|>"
-PAD = "<|pad|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-
-# cl100k's own special tokens, then the three DBRX adds.
-SPECIAL_TOKENS: dict[str, int] = {
-    ENDOFTEXT: 100257,
-    "<|fim_prefix|>": 100258,
-    "<|fim_middle|>": 100259,
-    "<|fim_suffix|>": 100260,
-    "<|endofprompt|>": 100276,
-    PAD: 100277,
-    IM_START: 100278,
-    IM_END: 100279,
-}
-
-PADDED_VOCAB_SIZE = 100352  # rows of the embedding / lm_head; ids >= 100280 are padding only
 
 # Default system prompt of databricks/dbrx-instruct as released (March 2024): the string embedded in the
 # chat_template of the Hugging Face repo's tokenizer_config.json (``use_default_system_prompt: true``). The same

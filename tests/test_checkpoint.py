@@ -14,14 +14,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dbrx import DbrxConfig, DbrxForCausalLM
-from dbrx.checkpoint import (
+from dbrx.cli.model import register
+from dbrx.hf_checkpoint import (
     convert_checkpoint,
     detect_layout,
-    load_pretrained,
     parse_size,
-    register,
-    save_pretrained,
 )
+
+load_pretrained = DbrxForCausalLM.from_pretrained
+
+
+def save_pretrained(model, path, **kwargs):
+    model.save_pretrained(path, **kwargs)
 
 WTE = "transformer.wte.weight"
 W1 = "transformer.blocks.0.ffn.experts.mlp.w1"

@@ -5,6 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dbrx import DbrxConfig, DbrxForCausalLM
+from dbrx.parallel.activation_checkpoint import apply_activation_checkpointing
 
 
 def tiny(**kw):
@@ -87,7 +88,7 @@ def test_bad_inputs_raise_value_error():
     with pytest.raises(ValueError, match="attention_mask"):
         model(torch.zeros(1, 5, dtype=torch.long), attention_mask=torch.ones(1, 6))
     with pytest.raises(ValueError, match="checkpointing"):
-        model.set_activation_checkpointing("sometimes")
+        apply_activation_checkpointing(model, "sometimes")
     with pytest.raises(ValueError, match="max_seq_len"):
         model.setup_cache(1, 10_000)
 

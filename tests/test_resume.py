@@ -14,7 +14,7 @@ import pytest
 import yaml
 from test_trainer import step_records, tiny_train_config, train
 
-from dbrx.train import checkpoint as ckpt_lib
+from dbrx.train import train_checkpoint as ckpt_lib
 from dbrx.train.config import from_dict
 from dbrx.train.trainer import Trainer
 

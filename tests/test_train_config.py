@@ -134,7 +134,7 @@ def test_no_weight_decay_on_norms_and_embeddings():
 def test_cli_arguments_config_overrides_and_resume():
     import argparse
 
-    from dbrx.train import cli
+    from dbrx.cli import train as cli
 
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers(dest="verb"))
@@ -154,7 +154,7 @@ def test_eval_interval_needs_a_held_out_split():
 def test_resume_option_gives_back_a_config_file():
     import argparse
 
-    from dbrx.train import cli
+    from dbrx.cli import train as cli
 
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers(dest="verb"))

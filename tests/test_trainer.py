@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dbrx.model import DbrxForCausalLM
-from dbrx.train import checkpoint as ckpt_lib
+from dbrx.train import train_checkpoint as ckpt_lib
 from dbrx.train.config import TrainConfig, from_dict
 from dbrx.train.plot import plot_run
 from dbrx.train.trainer import Trainer, TrainingError

@@ -13,7 +13,8 @@
     checkpoint: {interval: 100, keep: 2}
     log: {interval: 10, expert_load_interval: 50, tensorboard: false, mlflow: false, peak_flops: auto}
 
-Overrides use dotted paths and YAML scalars: `optim.lr=1e-3 train.steps=50 model.overrides.n_layers=2`.
+Overrides use dotted paths and YAML values: `optim.lr=1e-3 train.steps=50 model.overrides.n_layers=2`. Files and
+overrides are read by `dbrx.config.YamlLoader` (YAML 1.2 floats: `1e-3` is a number in both).
 `validate()` rejects a bad config (unknown key, wrong type, bad value) with a ValueError naming the field, before
 anything is built. A path starting with `pkg:` is relative to the installed `dbrx` package.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from dbrx.config import YamlLoader, parse_value, yaml_problem
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PACKAGE_DIR / "configs"
@@ -145,6 +149,7 @@ class TrainConfig:
 
     def validate(self, world: int = 1, task: str = "pretrain") -> None:
         """Raise ValueError naming the first invalid field."""
+        _check_finite(self)
         t, o = self.train, self.optim
         for name in ("steps", "global_batch", "micro_batch", "seq_len"):
             _positive(f"train.{name}", getattr(t, name))
@@ -193,7 +198,7 @@ class TrainConfig:
         for flag, module in (("tensorboard", "tensorboard"), ("mlflow", "mlflow")):
             if getattr(self.log, flag) and importlib.util.find_spec(module) is None:
                 raise ValueError(f"log.{flag} is true but {module} is not installed (`pip install {module}`)")
-        _positive("sample.max_new_tokens", self.sample.max_new_tokens)
+        self._validate_sample()
         if self.model.checkpoint is None:
             from dbrx.config import PRESETS
 
@@ -201,6 +206,16 @@ class TrainConfig:
         elif self.model.overrides:
             raise ValueError("model.overrides apply to a preset, not to model.checkpoint")
         self._validate_data(task)
+
+    def _validate_sample(self) -> None:
+        s = self.sample
+        if not isinstance(s.prompt, str):
+            raise ValueError(f"sample.prompt must be a string, got {s.prompt!r}")
+        _positive("sample.max_new_tokens", s.max_new_tokens)
+        if isinstance(s.temperature, bool) or not isinstance(s.temperature, (int, float)) or not s.temperature >= 0:
+            raise ValueError(f"sample.temperature must be a number >= 0, got {s.temperature!r}")
+        if s.top_k is not None:
+            _positive("sample.top_k", s.top_k)
 
     def _validate_data(self, task: str) -> None:
         d = self.data
@@ -224,8 +239,19 @@ class TrainConfig:
 
 
 def _positive(name: str, value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_finite(obj: Any, where: str = "") -> None:
+    """Every float of the dataclass `obj`, of its sections and of its lists of floats, must be finite."""
+    for f in dataclasses.fields(obj):
+        name, value = where + f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{name}.")
+        for x in value if isinstance(value, list) else [value]:
+            if isinstance(x, float) and not math.isfinite(x):
+                raise ValueError(f"{name} must be a finite number, got {value}")
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -295,28 +321,17 @@ def from_dict(cls: type, d: dict[str, Any], where: str = "") -> Any:
 
 # ---- files and overrides ------------------------------------------------------------------------------------
 def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:
-    """['optim.lr=1e-3'] -> [(['optim', 'lr'], 0.001)]; values are YAML scalars (null, true, 3, 1e-3, [1, 2])."""
+    """['optim.lr=1e-3'] -> [(['optim', 'lr'], 0.001)]; values as `dbrx.config.parse_value` reads them."""
     out = []
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise ValueError(f"override {item!r} must look like section.key=value")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError as e:
-            raise ValueError(f"override {item!r}: value is not valid YAML ({e})") from None
-        if isinstance(value, str) and _looks_like_float(value):
-            value = float(value)  # YAML 1.1 reads "1e-3" as a string
-        out.append((key.split("."), value))
+            out.append((key.split("."), parse_value(text)))
+        except ValueError as e:
+            raise ValueError(f"override {item!r}: {e}") from None
     return out
-
-
-def _looks_like_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return text.strip().lower() not in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity")
 
 
 def apply_overrides(raw: dict[str, Any], items: list[str]) -> dict[str, Any]:
@@ -348,9 +363,11 @@ def resolve_config_path(name: str | Path) -> Path:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = resolve_config_path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=YamlLoader)
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: invalid YAML ({e})") from None
+        raise ValueError(f"{path}: invalid YAML ({yaml_problem(e)})") from None
+    except (ValueError, KeyError, AttributeError) as e:  # PyYAML's reply to a bad explicit tag: `!!int x`
+        raise ValueError(f"{path}: invalid YAML ({type(e).__name__}: {e})") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

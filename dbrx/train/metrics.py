@@ -19,10 +19,7 @@ from typing import Any
 
 import torch
 
-# Dense bf16 peak FLOP/s of known GPUs (vendor datasheets; SXM unless named; the first name found in the device
-# name wins, so the PCIe part comes before the plain "H100").
-GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12,
-                  "A800": 312e12, "L40S": 362e12, "B200": 2250e12}
+from dbrx.devices import peak_flops
 
 
 def detect_peak_flops(device: torch.device, setting: float | str | None = "auto") -> float | None:
@@ -30,11 +27,7 @@ def detect_peak_flops(device: torch.device, setting: float | str | None = "auto"
     if setting is None or isinstance(setting, (int, float)):
         return float(setting) if setting else None
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return peak
-        return None
+        return peak_flops(device)
     return measure_cpu_matmul_flops()
 
 
@@ -165,4 +158,4 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 __all__ = ["MetricsLogger", "detect_peak_flops", "measure_cpu_matmul_flops", "memory_gb", "progress_line",
-           "read_metrics", "GPU_PEAK_FLOPS"]
+           "read_metrics"]

@@ -31,9 +31,10 @@ from torch import nn
 from dbrx.config import DbrxConfig
 from dbrx.model import DbrxForCausalLM
 from dbrx.parallel import fsdp
+from dbrx.parallel.activation_checkpoint import apply_activation_checkpointing
 from dbrx.parallel.compile import compile_blocks
 
-from . import checkpoint as ckpt_lib
+from . import train_checkpoint as ckpt_lib
 from .config import OptimSection, TrainConfig, resolve_path
 from .metrics import MetricsLogger, detect_peak_flops, memory_gb, progress_line
 
@@ -267,9 +268,9 @@ class Trainer:
                                                     device="cpu")
         else:
             model = DbrxForCausalLM.from_config(self.mcfg, seed=t.seed)
-        model.set_activation_checkpointing(t.activation_checkpointing)
+        apply_activation_checkpointing(model, t.activation_checkpointing)
         if t.compile:
-            compile_blocks(model)  # after set_activation_checkpointing: the checkpoint moves inside the compile
+            compile_blocks(model)  # after activation checkpointing: the checkpoint sits inside the compiled region
         if self.dist.distributed:
             fsdp.shard_model(model, bf16=self.bf16)  # moves each rank's shards to its device
         else:

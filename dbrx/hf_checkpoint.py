@@ -9,54 +9,47 @@ A checkpoint directory holds `config.json` and either `model.safetensors` or sha
   also accepted. When F == D the two cannot be told apart by shape and w2 is taken as stored [D, F].
 
 The layout is detected from the key names. Every other tensor maps 1:1 to our state_dict names; our experts are
-(E, F, D) tensors. Loading builds the model on the meta device and assigns tensors read one at a time from the
-memory-mapped files, so the weights are never held twice. Pickle files (`*.bin`) are never read.
+(E, F, D) tensors. Reading yields tensors one at a time from the memory-mapped files (`DbrxForCausalLM.
+from_pretrained` assigns them to a model built on the meta device), so the weights are never held twice. Pickle
+files (`*.bin`) are never read; shard names in an index must be plain file names inside the directory; tensors
+must be floating point and finite (unless `allow_nonfinite`). Writing goes to a fresh temporary directory that
+replaces the target whole (dbrx.fsutil.atomic_dir), so a reader sees the old checkpoint or the new one, never a
+mix. Also the one adapter to `transformers`' config and state dict.
+
+Imports: config, devices, fsutil (never the model: the shapes below are the layout's own table).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import re
-import sys
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import nn
 
 from .config import DbrxConfig
-from .model import DbrxForCausalLM
+from .devices import parse_dtype
+from .fsutil import atomic_dir
 
 CONFIG_NAME = "config.json"
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 DEFAULT_SHARD_BYTES = 4 * 2**30
+MAX_INDEX_BYTES = 64 * 2**20
 LAYOUTS = ("stacked", "split")
 EXPERT_RE = re.compile(r"(transformer\.blocks\.\d+\.ffn\.experts)\.mlp\.(w1|v1|w2)")
 SPLIT_MARK = ".ffn.experts.mlp_experts."
 
-_DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-}
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
 
-def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """None, a torch.dtype, or a name such as 'bf16' / 'float32' -> torch.dtype | None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32")
-    return _DTYPES[key]
 
 
 def parse_size(text: str | int) -> int:
@@ -129,21 +122,32 @@ class _Reader:
             raise ValueError(f"{self.where(key)}: cannot read tensor {key!r}: {e}") from None
 
 
+def plain_file_name(name: object) -> bool:
+    """True for a file name that stays inside its directory: no separators, not '.' or '..', no NUL."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name)
+
+
 def _weight_map(d: Path) -> dict[str, str]:
     """Tensor name -> file name, from the index json or the single `model.safetensors`."""
     index = d / INDEX_NAME
     if index.is_file():
         try:
-            with open(index) as fh:
-                weight_map = json.load(fh)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            with open(index, "rb") as fh:
+                raw = fh.read(MAX_INDEX_BYTES + 1)
+            if len(raw) > MAX_INDEX_BYTES:
+                raise ValueError(f"{index}: larger than {MAX_INDEX_BYTES >> 20} MiB; not a checkpoint index")
+            weight_map = json.loads(raw)["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             weight_map = None
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: not a valid index (expected JSON with a 'weight_map' object)")
         for key, fname in weight_map.items():
-            if not isinstance(fname, str) or not (d / fname).is_file():
-                raise FileNotFoundError(
-                    f"{d / str(fname)}: shard listed in {index.name} (for tensor {key!r}) is missing")
+            if not plain_file_name(fname):
+                raise ValueError(f"{index}: weight_map entry {key!r} names {fname!r}, which is not a plain file "
+                                 f"name inside the checkpoint directory")
+            if not (d / fname).is_file():
+                raise FileNotFoundError(f"{d / fname}: shard listed in {index.name} (for tensor {key!r}) is missing")
         return weight_map
     single = d / SINGLE_NAME
     if single.is_file():
@@ -172,9 +176,21 @@ def detect_layout(keys) -> str:
 
 
 def _expected_shapes(cfg: DbrxConfig) -> dict[str, tuple[int, ...]]:
-    """Our state_dict names -> shapes (experts (E, F, D)); the model is built on the meta device (instant)."""
-    model = DbrxForCausalLM.from_config(cfg, device="meta")
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    """Our state_dict names -> shapes (experts (E, F, D)), in the model's order (a test checks the model agrees)."""
+    D, V, E, F = cfg.d_model, cfg.vocab_size, cfg.ffn_config.moe_num_experts, cfg.ffn_config.ffn_hidden_size
+    out: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (V, D)}
+    for i in range(cfg.n_layers):
+        b = f"transformer.blocks.{i}"
+        out.update({
+            f"{b}.norm_attn_norm.norm_1.weight": (D,),
+            f"{b}.norm_attn_norm.attn.Wqkv.weight": (cfg.qkv_dim, D),
+            f"{b}.norm_attn_norm.attn.out_proj.weight": (D, D),
+            f"{b}.norm_attn_norm.norm_2.weight": (D,),
+            f"{b}.ffn.router.layer.weight": (E, D),
+            **{f"{b}.ffn.experts.mlp.{w}": (E, F, D) for w in ("w1", "v1", "w2")},
+        })
+    out.update({"transformer.norm_f.weight": (D,), "lm_head.weight": (V, D)})
+    return out
 
 
 def _split_keys(prefix: str, w: str, n_experts: int) -> list[str]:
@@ -211,9 +227,11 @@ def _shape_error(reader: _Reader, key: str, expected, got) -> ValueError:
 
 
 def _check_shapes(reader: _Reader, sources: dict[str, list[str]], shapes: dict[str, tuple[int, ...]]) -> None:
-    """Check every tensor's shape from the file headers before any data is read."""
+    """Check every tensor's shape and dtype (floating point) from the file headers before any data is read."""
     for name, keys in sources.items():
         shape = shapes[name]
+        for key in keys:
+            reader.dtype(key)  # ValueError naming the tensor when it is not a float type
         if EXPERT_RE.fullmatch(name):
             E, F, D = shape
             for key in keys:
@@ -226,51 +244,55 @@ def _check_shapes(reader: _Reader, sources: dict[str, list[str]], shapes: dict[s
             raise _shape_error(reader, keys[0], shape, reader.shape(keys[0]))
 
 
-def _read(reader: _Reader, name: str, keys: list[str], shape, dtype=None, device=None) -> torch.Tensor:
+def _read(reader: _Reader, name: str, keys: list[str], shape, dtype=None, device=None,
+          allow_nonfinite: bool = False) -> torch.Tensor:
     """Our tensor `name` (experts (E, F, D)) read from the checkpoint keys, converted to dtype/device."""
+
+    def get(key: str) -> torch.Tensor:
+        t = reader.get(key)
+        if not allow_nonfinite and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{reader.where(key)}: tensor {key!r} holds NaN or infinite values (refused; "
+                             f"--allow-nonfinite loads it anyway)")
+        return t
+
     if SPLIT_MARK not in keys[0]:  # a non-expert tensor, or stacked experts [E*F, D] -> (E, F, D)
-        return reader.get(keys[0]).view(shape).to(device=device, dtype=dtype)
+        return get(keys[0]).view(shape).to(device=device, dtype=dtype)
     E, F, D = shape
     out = torch.empty(shape, dtype=dtype or reader.dtype(keys[0]), device=device)
     for e, key in enumerate(keys):
-        t = reader.get(key)
+        t = get(key)
         if key.endswith("w2.weight") and t.shape == (D, F):  # nn.Linear(F, D) weight; F == D lands here too
             t = t.T  # (F, D)
         out[e].copy_(t)
     return out
 
 
-def _iter_our_tensors(reader: _Reader, dtype=None, device=None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Validate the checkpoint, then yield (our name, tensor) one at a time."""
+def _validated(reader: _Reader) -> tuple[dict[str, tuple[int, ...]], dict[str, list[str]]]:
+    """(our shapes, our name -> checkpoint keys) after checking names, shapes and dtypes from the headers."""
     shapes = _expected_shapes(reader.config)
-    layout = detect_layout(reader.key_file)
-    sources = _source_keys(reader.config, layout)
+    sources = _source_keys(reader.config, detect_layout(reader.key_file))
     _check_keys(reader, sources)
     _check_shapes(reader, sources, shapes)
-    for name, keys in sources.items():
-        yield name, _read(reader, name, keys, shapes[name], dtype, device)
+    return shapes, sources
 
 
-def load_pretrained(path: str | os.PathLike, dtype=None, device=None) -> DbrxForCausalLM:
-    """Load a DBRX checkpoint directory (stacked or split expert layout) into a `DbrxForCausalLM`.
+@contextlib.contextmanager
+def read_checkpoint(path: str | os.PathLike, dtype=None, device=None,
+                    allow_nonfinite: bool = False) -> Iterator[tuple[DbrxConfig, Iterator[tuple[str, torch.Tensor]]]]:
+    """`with read_checkpoint(dir) as (config, tensors)`: the DbrxConfig and an iterator of (our name, tensor).
 
-    dtype: torch dtype or 'bf16' / 'fp16' / 'fp32'; default: the checkpoint's (that of `transformer.wte.weight`).
-    device: where the parameters are placed (default CPU). The model is built on the meta device and each tensor
-    is read from the memory-mapped file, converted and assigned, so the weights exist once.
+    Everything that can be checked from the headers (names, layout, shapes, dtypes) is checked before the first
+    tensor is read; each tensor is checked finite as it is read. dtype: torch dtype or 'bf16' / 'fp16' / 'fp32'
+    (default: the checkpoint's, that of `transformer.wte.weight`); device: default CPU.
     """
     dtype = parse_dtype(dtype)
     with _Reader(path) as reader:
+        shapes, sources = _validated(reader)
         if dtype is None:
-            dtype = reader.dtype("transformer.wte.weight" if "transformer.wte.weight" in reader.key_file
-                                 else next(iter(reader.key_file)))
-        model = DbrxForCausalLM.from_config(reader.config, device="meta")
-        for name, t in _iter_our_tensors(reader, dtype, device or "cpu"):
-            mod_name, _, leaf = name.rpartition(".")
-            module = model.get_submodule(mod_name)
-            module._parameters[leaf] = nn.Parameter(t, requires_grad=module._parameters[leaf].requires_grad)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    assert not left, f"tensors left on the meta device after loading: {left[:5]}"
-    return model
+            dtype = reader.dtype(sources["transformer.wte.weight"][0])
+        tensors = ((name, _read(reader, name, keys, shapes[name], dtype, device or "cpu", allow_nonfinite))
+                   for name, keys in sources.items())
+        yield reader.config, tensors
 
 
 # ---- writing ------------------------------------------------------------------------------------------------
@@ -304,7 +326,7 @@ def _plan(shapes: dict[str, tuple[int, ...]], get: Callable[[str], torch.Tensor]
 
 
 def _write(plan: _Plan, path: Path, max_shard_bytes: int, progress: Callable[[str], None] | None = None) -> list[str]:
-    """Write the plan as one file or shards + index, each file written under a temp name then renamed."""
+    """Write the plan into the (new, empty) directory `path` as one file or shards + index."""
     shards: list[list[int]] = [[]]
     size = 0
     for i, (_, shape, dt, _) in enumerate(plan):
@@ -327,31 +349,37 @@ def _write(plan: _Plan, path: Path, max_shard_bytes: int, progress: Callable[[st
             weight_map[key] = fname
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         total += nbytes
-        _atomic(path / fname, lambda tmp, ts=tensors: save_file(ts, tmp, metadata={"format": "pt"}))
+        save_file(tensors, str(path / fname), metadata={"format": "pt"})
         del tensors
         if progress:
-            progress(f"wrote {path / fname} ({len(idx)} tensors, {nbytes / 1e9:.2f} GB)")
+            progress(f"wrote {fname} ({len(idx)} tensors, {nbytes / 1e9:.2f} GB)")
     if len(names) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        _atomic(path / INDEX_NAME, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
-    _remove_stale(path, set(names) | ({INDEX_NAME} if len(names) > 1 else set()))
+        (path / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return names
 
 
-def _atomic(dst: Path, write: Callable[[str], object]) -> None:
-    tmp = dst.with_name(dst.name + ".tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _is_ours(name: str) -> bool:
+    return name in (CONFIG_NAME, SINGLE_NAME, INDEX_NAME) or bool(SHARD_RE.fullmatch(name))
 
 
-def _remove_stale(path: Path, keep: set[str]) -> None:
-    """Delete weight files of an earlier save into the same directory that the new one does not use."""
-    for p in path.iterdir():
-        if p.name not in keep and (p.name in (SINGLE_NAME, INDEX_NAME) or SHARD_RE.fullmatch(p.name)):
-            p.unlink()
+@contextlib.contextmanager
+def _replacing(target: str | os.PathLike) -> Iterator[Path]:
+    """atomic_dir(target) for a checkpoint: an existing non-empty target must be a checkpoint directory, and its
+    other files (tokenizer, README, ...) are carried over into the new one."""
+    target = Path(target)
+    if target.is_dir() and any(target.iterdir()) and not (target / CONFIG_NAME).is_file():
+        raise ValueError(f"{target} exists and is not a checkpoint directory (no {CONFIG_NAME}); refusing to "
+                         f"replace it")
+    with atomic_dir(target) as tmp:
+        yield tmp
+        if target.is_dir():
+            for p in target.iterdir():
+                if not _is_ours(p.name):
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.copytree(p, tmp / p.name, symlinks=True)
+                    else:
+                        shutil.copy2(p, tmp / p.name, follow_symlinks=False)
 
 
 def _save_config(cfg: DbrxConfig, path: Path, dtype: torch.dtype) -> None:
@@ -359,84 +387,87 @@ def _save_config(cfg: DbrxConfig, path: Path, dtype: torch.dtype) -> None:
     in the config's `dtype` by default, so a stale "bfloat16" would silently round an fp32 checkpoint."""
     d = cfg.to_hf_dict()
     d["torch_dtype"] = d["dtype"] = str(dtype).removeprefix("torch.")
-    _atomic(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(d, indent=2) + "\n"))
+    (path / CONFIG_NAME).write_text(json.dumps(d, indent=2) + "\n")
 
 
-def save_pretrained(model: DbrxForCausalLM, path: str | os.PathLike, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                    dtype=None) -> None:
-    """Write `config.json` and the weights in the Hugging Face stacked layout (loadable by transformers).
+def save_state_dict(state: dict[str, torch.Tensor], cfg: DbrxConfig, path: str | os.PathLike,
+                    max_shard_bytes: int | str = DEFAULT_SHARD_BYTES, dtype=None) -> None:
+    """Write our state dict as a Hugging Face checkpoint (stacked layout, loadable by transformers), atomically.
 
     One `model.safetensors` when everything fits in `max_shard_bytes`, else numbered shards plus
     `model.safetensors.index.json`. Tensors are converted to `dtype` (default: as they are) one shard at a time.
+    An existing checkpoint at `path` is replaced whole once the new one is complete.
     """
     dtype = parse_dtype(dtype)
-    state = model.state_dict()
     metas = [k for k, v in state.items() if v.is_meta]
     if metas:
         raise ValueError(f"cannot save a model with tensors on the meta device (e.g. {metas[0]})")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    shapes = _expected_shapes(cfg)
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    assert got == shapes, f"state dict does not match the config: {sorted(set(got) ^ set(shapes))[:5]}"
     plan = _plan(shapes, state.__getitem__, lambda n: dtype or state[n].dtype, "stacked")
-    _write(plan, path, parse_size(max_shard_bytes))
-    _save_config(model.config, path, dtype or state["lm_head.weight"].dtype)
+    with _replacing(path) as tmp:
+        _write(plan, tmp, parse_size(max_shard_bytes))
+        _save_config(cfg, tmp, dtype or state["lm_head.weight"].dtype)
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, layout: str = "stacked", dtype=None,
-                       max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                       max_shard_bytes: int | str = DEFAULT_SHARD_BYTES,
                        progress: Callable[[str], None] | None = None) -> list[str]:
     """Rewrite checkpoint `src` into `dst` in the given expert layout, tensor by tensor (no model is built).
 
-    Returns the weight file names written. At most one of our (E, F, D) expert tensors is held at a time.
+    Returns the weight file names written. At most one of our (E, F, D) expert tensors is held at a time. `dst`
+    is replaced whole, and only once the new checkpoint is complete.
     """
     dtype = parse_dtype(dtype)
-    if Path(src).resolve() == Path(dst).resolve():
-        raise ValueError(f"{dst}: destination must differ from the source")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    src_r, dst_r = Path(src).resolve(), Path(dst).resolve()
+    if src_r == dst_r or src_r in dst_r.parents or dst_r in src_r.parents:
+        raise ValueError(f"{dst}: destination must differ from the source (and neither may contain the other)")
     with _Reader(src) as reader:
-        cfg = reader.config
-        shapes = _expected_shapes(cfg)
-        sources = _source_keys(cfg, detect_layout(reader.key_file))
-        _check_keys(reader, sources)
-        _check_shapes(reader, sources, shapes)
+        shapes, sources = _validated(reader)
         cache: dict[str, torch.Tensor] = {}
 
         def get(name: str) -> torch.Tensor:  # the split layout reads one expert tensor E times: keep the last
             if name not in cache:
                 cache.clear()
-                cache[name] = _read(reader, name, sources[name], shapes[name])
+                cache[name] = _read(reader, name, sources[name], shapes[name], allow_nonfinite=True)
             return cache[name]
 
         plan = _plan(shapes, get, lambda n: dtype or reader.dtype(sources[n][0]), layout)
-        out = Path(dst)
-        out.mkdir(parents=True, exist_ok=True)
-        names = _write(plan, out, parse_size(max_shard_bytes), progress)
-        _save_config(cfg, out, dtype or reader.dtype(sources["lm_head.weight"][0]))
+        with _replacing(dst) as tmp:
+            names = _write(plan, tmp, parse_size(max_shard_bytes), progress)
+            _save_config(reader.config, tmp, dtype or reader.dtype(sources["lm_head.weight"][0]))
     return names
 
 
-# ---- CLI: dbrx convert --------------------------------------------------------------------------------------
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "convert",
-        help="rewrite a DBRX safetensors checkpoint (expert layout, dtype, shard size)",
-        description="Convert a Hugging Face-format DBRX checkpoint directory IN into OUT, streaming tensor by "
-        "tensor: stacked experts ([E*F, D], the official layout) or split per-expert tensors.",
-    )
-    p.add_argument("input", metavar="IN", help="source checkpoint directory")
-    p.add_argument("output", metavar="OUT", help="destination directory")
-    p.add_argument("--layout", choices=LAYOUTS, default="stacked", help="expert layout to write (default stacked)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="convert tensors (default: keep)")
-    p.add_argument("--shard-size", default="4GiB", help="largest shard, e.g. 4GB, 2GiB (default 4GiB)")
-    p.set_defaults(func=run)
+# ---- transformers --------------------------------------------------------------------------------------------
+# transformers 5.x calls `clamp(min=None, max=None)` when clip_qkv is None and crashes; a clip this large never
+# binds, so "no clipping" is written as it.
+HF_NO_CLIP = 1e9
 
 
-def run(args: argparse.Namespace) -> int:
-    names = convert_checkpoint(args.input, args.output, layout=args.layout, dtype=args.dtype,
-                               max_shard_bytes=parse_size(args.shard_size),
-                               progress=lambda msg: print(msg, file=sys.stderr, flush=True))
-    print(f"wrote {len(names)} weight file(s) to {args.output}")
-    return 0
+def transformers_config(cfg: DbrxConfig, dtype: str | None = None):
+    """The equivalent `transformers.DbrxConfig`; `rope_parameters` carries theta (transformers 5.x reads only it)."""
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("this needs the `transformers` package (pip install transformers)") from None
+    d = cfg.to_hf_dict()
+    if d["attn_config"]["clip_qkv"] is None:
+        d["attn_config"]["clip_qkv"] = HF_NO_CLIP
+    d.pop("torch_dtype", None)
+    if dtype is not None:
+        d["dtype"] = dtype
+    return transformers.DbrxConfig(**d)
 
 
-__all__ = ["load_pretrained", "save_pretrained", "convert_checkpoint", "detect_layout", "parse_dtype", "parse_size",
-           "register", "run"]
+def state_dict_to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict in transformers' names and shapes: experts (E, F, D) -> [E*F, D]."""
+    return {k: v.reshape(-1, v.shape[-1]) if EXPERT_RE.fullmatch(k) else v for k, v in state.items()}
+
+
+__all__ = ["read_checkpoint", "save_state_dict", "convert_checkpoint", "detect_layout", "parse_dtype", "parse_size",
+           "plain_file_name", "transformers_config", "state_dict_to_transformers", "HF_NO_CLIP", "LAYOUTS",
+           "DEFAULT_SHARD_BYTES"]

@@ -1,4 +1,4 @@
-"""CLI verbs `pretrain`, `finetune` and `plot`.
+"""The training verbs: `pretrain`, `finetune` and `plot` (dbrx.train does the work).
 
     dbrx pretrain                                  the demo: dbrx-demo on the bundled corpus, a few minutes on CPU
     dbrx pretrain my.yaml optim.lr=1e-3 train.steps=50
@@ -15,7 +15,7 @@ import gc
 import sys
 from pathlib import Path
 
-from .config import load_config
+from dbrx.train.config import load_config
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -104,9 +104,8 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def _train(cfg, task: str, args: argparse.Namespace) -> int:
     from dbrx.parallel import fsdp
-
-    from .plot import plot_run
-    from .trainer import Trainer, TrainingError
+    from dbrx.train.plot import plot_run
+    from dbrx.train.trainer import Trainer, TrainingError
 
     trainer = None
     try:
@@ -141,7 +140,7 @@ def _train(cfg, task: str, args: argparse.Namespace) -> int:
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    from .plot import plot_run
+    from dbrx.train.plot import plot_run
 
     written = plot_run(args.run_dir)
     for p in written:
@@ -149,19 +148,4 @@ def run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m dbrx.train.cli VERB ...`: these verbs alone (the same as `dbrx VERB ...`)."""
-    parser = argparse.ArgumentParser(prog="dbrx")
-    register(parser.add_subparsers(dest="verb", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"dbrx {args.verb}: error: {e}", file=sys.stderr)
-        return 2
-
-
-__all__ = ["register", "run_pretrain", "run_finetune", "run_plot", "main"]
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["register", "run_pretrain", "run_finetune", "run_plot"]
