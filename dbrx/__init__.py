@@ -1,4 +1,17 @@
-"""dbrx: Databricks' DBRX mixture-of-experts LLM in plain PyTorch, with training, inference and tools."""
+"""dbrx: Databricks' DBRX mixture-of-experts LLM in plain PyTorch, with training, inference and tools.
+
+Layout (each module's docstring says what it may import; tests/test_layout.py checks that nothing imports in a
+cycle):
+    tokens, devices, fsutil, compat      facts and helpers with no dbrx imports
+    config                               the model config, presets, the override grammar, the FLOP formula
+    kernels/, moe, model                 the single-device model
+    hf_checkpoint                        Hugging Face checkpoints (weights I/O), the transformers adapter
+    tokenizer, generate                  cl100k + DBRX specials, chat template, sampling and decoding
+    parallel/                            activation checkpointing, compile, FSDP: applied from outside
+    train/                               data, trainer, training-state checkpoints, metrics
+    bench, memory                        benchmarks and memory estimates
+    cli/                                 the `dbrx` command (nothing imports it)
+"""
 
 from .config import PRESETS, DbrxConfig
 from .generate import SamplingParams, generate_ids, generate_text, stream_text

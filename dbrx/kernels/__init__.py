@@ -1,1 +1,2 @@
-"""Compute kernels used by the model: grouped expert matmuls (and, on GPUs, Triton versions)."""
+"""Compute kernels used by the model: grouped expert matmuls (torch and Triton), attention masks, the chunked
+lm-head loss. Imports: torch, triton (optional), dbrx.compat; never the model."""

@@ -33,13 +33,13 @@ from typing import Any
 import yaml
 
 from dbrx.config import YamlLoader, parse_value, yaml_problem
+from dbrx.parallel.activation_checkpoint import MODES
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PACKAGE_DIR / "configs"
 PRECISIONS = ("auto", "fp32", "bf16")
 OPTIMIZERS = ("adamw", "lionw")
 LR_SCHEDULES = ("cosine", "linear", "constant")
-AC_MODES = ("none", "full", "selective")
 
 
 @dataclass
@@ -157,7 +157,7 @@ class TrainConfig:
             raise ValueError(f"train.global_batch ({t.global_batch}) must be divisible by train.micro_batch "
                              f"({t.micro_batch}) x world size ({world})")
         _choice("train.precision", t.precision, PRECISIONS)
-        _choice("train.activation_checkpointing", t.activation_checkpointing, AC_MODES)
+        _choice("train.activation_checkpointing", t.activation_checkpointing, MODES)
         if t.z_loss_weight < 0:
             raise ValueError(f"train.z_loss_weight must be >= 0, got {t.z_loss_weight}")
         _positive("train.max_nan_skips", t.max_nan_skips)
