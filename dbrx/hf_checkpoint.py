@@ -244,26 +244,29 @@ def _check_shapes(reader: _Reader, sources: dict[str, list[str]], shapes: dict[s
             raise _shape_error(reader, keys[0], shape, reader.shape(keys[0]))
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """Exact, and fast in the usual case: a finite fp32 sum proves every element finite (a NaN or inf makes the
+    sum non-finite); only a non-finite sum (a bad value, or a sum that overflowed) pays the elementwise test."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
+
+
 def _read(reader: _Reader, name: str, keys: list[str], shape, dtype=None, device=None,
           allow_nonfinite: bool = False) -> torch.Tensor:
-    """Our tensor `name` (experts (E, F, D)) read from the checkpoint keys, converted to dtype/device."""
-
-    def get(key: str) -> torch.Tensor:
-        t = reader.get(key)
-        if not allow_nonfinite and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{reader.where(key)}: tensor {key!r} holds NaN or infinite values (refused; "
-                             f"--allow-nonfinite loads it anyway)")
-        return t
-
+    """Our tensor `name` (experts (E, F, D)) read from the checkpoint keys, converted to dtype/device, and checked
+    finite there (after the conversion, which can overflow; on a GPU the check is free)."""
     if SPLIT_MARK not in keys[0]:  # a non-expert tensor, or stacked experts [E*F, D] -> (E, F, D)
-        return get(keys[0]).view(shape).to(device=device, dtype=dtype)
-    E, F, D = shape
-    out = torch.empty(shape, dtype=dtype or reader.dtype(keys[0]), device=device)
-    for e, key in enumerate(keys):
-        t = get(key)
-        if key.endswith("w2.weight") and t.shape == (D, F):  # nn.Linear(F, D) weight; F == D lands here too
-            t = t.T  # (F, D)
-        out[e].copy_(t)
+        out = reader.get(keys[0]).view(shape).to(device=device, dtype=dtype)
+    else:
+        E, F, D = shape
+        out = torch.empty(shape, dtype=dtype or reader.dtype(keys[0]), device=device)
+        for e, key in enumerate(keys):
+            t = reader.get(key)
+            if key.endswith("w2.weight") and t.shape == (D, F):  # nn.Linear(F, D) weight; F == D lands here too
+                t = t.T  # (F, D)
+            out[e].copy_(t)
+    if not allow_nonfinite and not _all_finite(out):
+        raise ValueError(f"{reader.where(keys[0])}: tensor {keys[0]!r} holds NaN or infinite values (as "
+                         f"{str(out.dtype).removeprefix('torch.')}); refused (--allow-nonfinite loads it anyway)")
     return out
 
 

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from dbrx import fsutil
 from dbrx.tokens import EOS_ID
 
 __all__ = [
@@ -200,22 +201,20 @@ def _raise_unit_error(unit: _Unit, where: int, message: str) -> None:
 
 
 class _ShardWriter:
-    """Writes shards one after another, atomically (temporary name, then rename)."""
+    """Writes shards one after another into `out_dir` (prepare's private temporary directory)."""
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
         self.shards: list[dict] = []
-        self._open()
-
-    def _open(self) -> None:
-        self.name = f"shard_{len(self.shards):05d}"
-        self.tmp = self.out_dir / f".{self.name}.bin.tmp"
-        self.file = open(self.tmp, "wb")
-        self.hash = hashlib.sha256()
-        self.ends: list[np.ndarray] = []
-        self.n = 0
+        self.file = None  # the shard being written, opened by the first add
+        self.n = 0  # tokens in it
 
     def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        if self.file is None:
+            self.name = f"shard_{len(self.shards):05d}"
+            self.file = open(self.out_dir / f"{self.name}.bin", "wb")
+            self.hash = hashlib.sha256()
+            self.ends: list[np.ndarray] = []
         data = tokens.astype("<u4", copy=False).tobytes()
         self.file.write(data)
         self.hash.update(data)
@@ -223,29 +222,29 @@ class _ShardWriter:
         self.n += int(lengths.sum())
 
     def flush(self) -> None:
-        if not self.n:
+        """Finish the current shard (if any): close it and write its document offsets."""
+        if self.file is None:
             return
-        self.file.close()
+        self.close()
         ends = np.concatenate(self.ends).astype(np.int64)
-        docs_tmp = self.out_dir / f".{self.name}.docs.npy.tmp"
-        with open(docs_tmp, "wb") as f:
+        docs = self.out_dir / f"{self.name}.docs.npy"
+        with open(docs, "wb") as f:
             np.save(f, ends, allow_pickle=False)
-        os.replace(self.tmp, self.out_dir / f"{self.name}.bin")
-        os.replace(docs_tmp, self.out_dir / f"{self.name}.docs.npy")
         self.shards.append({
             "file": f"{self.name}.bin",
-            "docs_file": f"{self.name}.docs.npy",
+            "docs_file": docs.name,
             "tokens": self.n,
             "documents": len(ends),
             "sha256": self.hash.hexdigest(),
-            "docs_sha256": sha256_file(self.out_dir / f"{self.name}.docs.npy"),
+            "docs_sha256": sha256_file(docs),
         })
-        self._open()
+        self.n = 0
 
     def close(self) -> None:
-        self.flush()
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        """Close the open shard file without finishing it (after an error, its directory is discarded)."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def _tokenizer_id() -> str:
@@ -288,6 +287,10 @@ def prepare(
     ``r"\\n{4,}"``), a JSONL line is one (its ``text_field``), a Parquet row is one (column ``text_field``). Empty
     documents are skipped. Output order depends only on the inputs, never on ``workers`` (default: all CPUs).
     ``progress(done_bytes, total_bytes, tokens)`` is called as work units finish.
+
+    Everything is written into a private temporary directory that replaces ``out_dir`` whole when complete: a
+    failure leaves ``out_dir`` as it was. A second ``prepare`` into the same ``out_dir`` meanwhile gets a
+    ``LockedError`` (a ValueError) naming this process.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -310,12 +313,24 @@ def prepare(
             raise ValueError(f"{f}: is a directory") from None
     settings = {"format": fmt, "text_field": text_field, "split": split, "shard_tokens": shard_tokens,
                 "tokenizer": _tokenizer_id(), "eos_id": EOS_ID, "dtype": "uint32"}
-    if out.is_dir() and (index := _up_to_date(out, records, settings)) is not None:
-        return {**index, "status": "up to date", "out_dir": str(out)}
+    # one writer at a time (a second gets LockedError naming the first); readers take no lock: they see the old
+    # directory or the new one, which appears complete in one rename
+    with fsutil.lock_dir(out, f"prepared data {out}"):
+        if out.is_dir() and (index := _up_to_date(out, records, settings)) is not None:
+            return {**index, "status": "up to date", "out_dir": str(out)}
+        entries = list(out.iterdir()) if out.is_dir() else []
+        if entries and not any(p.name == INDEX_NAME or _SHARD_RE.match(p.name) for p in entries):
+            raise ValueError(f"{out} is not empty and holds no prepared data (no {INDEX_NAME}, no shards); "
+                             f"refusing to replace it: choose another output directory")
+        units = [u for f in files for u in _units_for(f, _format_of(f, fmt), text_field, split)]
+        with fsutil.atomic_dir(out) as tmp:
+            index = _write_shards(units, files, tmp, records, settings, workers, shard_tokens, progress)
+    return {**index, "status": "written", "out_dir": str(out)}
 
-    units = [u for f in files for u in _units_for(f, _format_of(f, fmt), text_field, split)]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / INDEX_NAME).unlink(missing_ok=True)  # the index is written last: without it the folder is incomplete
+
+def _write_shards(units: list[_Unit], files: list[Path], out: Path, records: list[dict], settings: dict,
+                  workers: int | None, shard_tokens: int, progress: Callable[[int, int, int], None] | None) -> dict:
+    """Tokenise `units` into shards and the index in the (empty, private) directory `out`; returns the index."""
     workers = max(1, min(workers or os.cpu_count() or 1, len(units)))
     writer = _ShardWriter(out)
     done_bytes = total_tokens = n_empty = 0
@@ -333,18 +348,13 @@ def prepare(
             n_empty += empty
             if progress:
                 progress(done_bytes, total_bytes, total_tokens)
-        writer.close()
+        writer.flush()
     finally:
         if pool:
             pool.terminate()
-        writer.file.close()
-        writer.tmp.unlink(missing_ok=True)
+        writer.close()
     if not writer.shards:
         raise ValueError(f"the inputs hold no non-empty documents: {[str(f) for f in files]}")
-    keep = {n for s in writer.shards for n in (s["file"], s["docs_file"])}
-    for f in out.iterdir():  # shards left over from an earlier, larger run
-        if _SHARD_RE.match(f.name) and f.name not in keep:
-            f.unlink()
     index = {
         "version": INDEX_VERSION,
         "settings": settings,
@@ -354,10 +364,8 @@ def prepare(
         "empty_documents_skipped": n_empty,
         "shards": writer.shards,
     }
-    tmp = out / f".{INDEX_NAME}.tmp"
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    os.replace(tmp, out / INDEX_NAME)
-    return {**index, "status": "written", "out_dir": str(out)}
+    (out / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
+    return index
 
 
 def _append_documents(writer: _ShardWriter, tokens: np.ndarray, lengths: np.ndarray, shard_tokens: int) -> None:

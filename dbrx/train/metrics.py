@@ -4,15 +4,22 @@ Each optimizer step writes one JSON object to `RUN_DIR/metrics.jsonl` with `step
 `lb_loss`, `z_loss`, `lr`, `grad_norm`, `tokens_per_s`, `mfu`, `mem_gb`, `expert_load_max` / `expert_load_min`
 (per layer) and, every few steps, `expert_load` (the full (L, E) share matrix). Other records carry an `event`
 key (`start`, `eval`, `resume`, `nan_skip`, `checkpoint`, `end`).
+
+Each record is one `os.write` of a whole line to an `O_APPEND` descriptor, so a crash leaves at most one partial
+last line. A resumed run first trims the file (`trim_metrics`): the partial line goes, and so do the records after
+the checkpoint it resumes from, which it is about to write again; each step then appears once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import resource
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +27,7 @@ from typing import Any
 import torch
 
 from dbrx.devices import peak_flops
+from dbrx.fsutil import fsync_path
 
 
 def detect_peak_flops(device: torch.device, setting: float | str | None = "auto") -> float | None:
@@ -59,11 +67,10 @@ class MetricsLogger:
                  mlflow: bool = False, config: dict[str, Any] | None = None) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.fd = -1  # opened at the first record: a run that fails while being set up leaves no empty file
         self.tb = self.mlflow = None
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -79,8 +86,13 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record, default=_jsonable) + "\n")
-        self.file.flush()
+        if self.fd < 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        line = (json.dumps(record, default=_jsonable) + "\n").encode()
+        written = os.write(self.fd, line)  # one write of the whole line: never interleaved, never half buffered
+        while written < len(line):  # a short write (a full disk): finish the line or fail
+            written += os.write(self.fd, line[written:])
         kind = "train" if "event" not in record else "eval" if record["event"] == "eval" else None
         if kind is None or "step" not in record:
             return
@@ -91,18 +103,33 @@ class MetricsLogger:
         if self.mlflow is not None:
             self.mlflow.log_metrics({k: float(v) for k, v in scalars.items() if math.isfinite(v)}, step=record["step"])
 
+    def resume_at(self, step: int) -> None:
+        """Before a resumed run appends: drop a partial last line and the records after `step` (`trim_metrics`)."""
+        if not self.enabled:
+            return
+        self._close_file()  # trimming replaces the file: the next record opens the new one
+        trim_metrics(self.path, step)
+
     def print(self, line: str) -> None:
         if self.enabled:
             print(line, file=sys.stderr, flush=True)
 
+    def _close_file(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def close(self) -> None:
+        """Close the file and the TensorBoard / MLflow writers (safe to call twice)."""
         if not self.enabled:
             return
-        self.file.close()
+        self._close_file()
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
         if self.mlflow is not None:
             self.mlflow.end_run()
+            self.mlflow = None
 
 
 def progress_line(step: int, steps: int, m: dict[str, Any], elapsed: float, start_step: int = 0) -> str:
@@ -142,20 +169,67 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _parse(line: bytes) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return None
+
+
+def trim_metrics(path: str | os.PathLike, step: int) -> None:
+    """Rewrite a metrics file for a run resumed at `step`: drop a partial last line (cut short by a crash: no newline
+    or not JSON) and every record whose `step` is after `step`. The file is replaced atomically, only if it changes.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    lines = data.split(b"\n")[:-1]  # what follows the last newline is a partial line (or nothing)
+    if lines and _parse(lines[-1]) is None:
+        lines.pop()
+    # a bad line in the middle is kept as it is: read_metrics reports it
+    kept = [x for x in lines if not (isinstance(r := _parse(x), dict) and isinstance(r.get("step"), int)
+                                     and r["step"] > step)]
+    new = b"".join(x + b"\n" for x in kept)
+    if new == data:
+        return
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(new)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.copymode(path, tmp)  # mkstemp makes it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_path(path.parent)  # make the rename durable
+
+
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of RUN_DIR/metrics.jsonl (FileNotFoundError naming the file when absent)."""
+    """The records of RUN_DIR/metrics.jsonl (FileNotFoundError naming the file when absent).
+
+    A bad line in the middle is a ValueError; a bad last line is skipped: a write cut short by a crash.
+    """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (is {run_dir} a training run directory?)")
+    lines = path.read_bytes().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
     out = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(lines, 1):
         if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise ValueError(f"{path}: line {i}: invalid JSON") from None
+            if (record := _parse(line)) is None:
+                if i == len(lines):
+                    break
+                raise ValueError(f"{path}: line {i}: invalid JSON")
+            out.append(record)
     return out
 
 
 __all__ = ["MetricsLogger", "detect_peak_flops", "measure_cpu_matmul_flops", "memory_gb", "progress_line",
-           "read_metrics"]
+           "read_metrics", "trim_metrics"]

@@ -8,10 +8,12 @@ A checkpoint is a directory `CKPT_DIR/step_00000100/` holding
     state.json          step, optimizer param groups, data loader state, Python and NumPy RNG states, any extra
                         JSON, and the size and sha256 of each file above (written last)
 
-Nothing is pickled: tensors go to safetensors, everything else to JSON. The directory is written under a
-temporary name and renamed when complete, so a crash never leaves a half-written `step_*`. Loading checks sizes
-and checksums before touching the model; a bad checkpoint is skipped with a warning in favour of the one before.
-With FSDP every rank takes part in gathering the state (collectives); rank 0 writes.
+Nothing is pickled: tensors go to safetensors, everything else to JSON. The directory is written into a fresh
+temporary directory and swapped in whole when complete (`fsutil.atomic_dir`), so a crash never leaves a half-written
+`step_*` and re-saving a step never leaves a moment without it. Loading checks sizes and checksums before touching
+the model, then that the checkpoint fits the model and optimizer of this run; a bad checkpoint is skipped with a
+warning in favour of the one before. With FSDP every rank takes part in gathering the state (collectives); rank 0
+writes.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+from dbrx import fsutil
 
 from .data import sha256_file
 
@@ -90,20 +94,21 @@ def _is_main() -> bool:
 
 
 def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint directories (those with a state.json), oldest first."""
+    """Complete checkpoint directories (those with a state.json), oldest first; temporary ones are skipped."""
     d = Path(ckpt_dir)
     if not d.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := STEP_RE.match(p.name)) and (p / STATE_NAME).is_file()]
+    found = [(int(m.group(1)), p) for p in d.iterdir()
+             if not fsutil.is_temporary(p) and (m := STEP_RE.match(p.name)) and (p / STATE_NAME).is_file()]
     return [p for _, p in sorted(found)]
 
 
-def _flatten_optim(osd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _flatten_optim(osd: dict[str, Any], copy: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors, other = {}, {}
     for fqn, state in osd["state"].items():
         for name, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state/{fqn}/{name}"] = value.detach().cpu().contiguous()
+                tensors[f"state/{fqn}/{name}"] = value.detach().cpu().contiguous() if copy else value
             else:
                 other.setdefault(fqn, {})[name] = value
     return tensors, {"param_groups": osd["param_groups"], "other_state": other}
@@ -141,41 +146,34 @@ def save_checkpoint(
     root = Path(ckpt_dir)
     final = root / f"step_{step:08d}"
     if _is_main():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".tmp-{final.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        _remove_stale_temporaries(root)
         otensors, ometa = _flatten_optim(osd)
         rtensors, rmeta = rng_state()
-        save_file({k: v.contiguous() for k, v in msd.items()}, tmp / "model.safetensors")
-        save_file(otensors, tmp / "optim.safetensors")
-        save_file(rtensors, tmp / "rng.safetensors")
-        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in FILES}
-        state = {"step": step, "optim": ometa, "loader": loader_state, "rng": rmeta, "extra": extra or {},
-                 "files": files}
-        with open(tmp / STATE_NAME, "w") as f:
-            json.dump(state, f, default=_json_default)
-            f.flush()
-            os.fsync(f.fileno())
-        for name in FILES:
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        if final.exists():  # e.g. re-saving the same step after a resume
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)  # make the rename itself durable
+        # atomic_dir fsyncs every file and swaps the directory in with one rename: an existing `final` (re-saving
+        # a step after a resume) stays whole until the new one is complete
+        with fsutil.atomic_dir(final) as tmp:
+            save_file({k: v.contiguous() for k, v in msd.items()}, tmp / "model.safetensors")
+            save_file(otensors, tmp / "optim.safetensors")
+            save_file(rtensors, tmp / "rng.safetensors")
+            files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+                     for name in FILES}
+            state = {"step": step, "optim": ometa, "loader": loader_state, "rng": rmeta, "extra": extra or {},
+                     "files": files}
+            with open(tmp / STATE_NAME, "w") as f:
+                json.dump(state, f, default=_json_default)
         _prune(root, step, keep)
     if dist.is_initialized():
         dist.barrier()
     return final
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _remove_stale_temporaries(root: Path) -> None:
+    """Remove temporary directories of any step left by a killed writer (atomic_dir only clears those of the step
+    it writes, and a resumed run rarely saves that same step again)."""
+    if root.is_dir():
+        names = {p.name[1:].split(".tmp-", 1)[0] for p in root.iterdir() if fsutil.is_temporary(p)}
+        for name in names:
+            fsutil.remove_stale_temporaries(root / name)
 
 
 def _prune(root: Path, step: int, keep: int) -> None:
@@ -186,9 +184,6 @@ def _prune(root: Path, step: int, keep: int) -> None:
     upto = [p for p in found if p not in newer]
     for old in newer + upto[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-step_*"):  # left by a process killed while writing
-        if not stale.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(stale, ignore_errors=True)
 
 
 # ---- load -------------------------------------------------------------------------------------------------
@@ -247,11 +242,47 @@ def resolve_resume(resume: str, ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     return read_checkpoint(p)
 
 
-def apply_checkpoint(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def check_compatible(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                     optim_name: str | None = None) -> None:
+    """CheckpointError naming the first difference when `ckpt` was written for another model or optimizer.
+
+    Checked before loading: torch would otherwise fail half-way through with a long RuntimeError. `optim_name` is
+    this run's `optim.name`, compared with the one in the checkpoint's stored config (when it has one).
+    """
+    where = f"checkpoint {ckpt['path']}"
+    # sharded state (no gathering): DTensors report the full shapes
+    here = {k: tuple(v.shape) for k, v in get_model_state_dict(model).items()}
+    there = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
+    for name, shape in here.items():
+        if name not in there:
+            raise CheckpointError(f"{where} was written for another model: tensor {name} of this run is not there")
+        if there[name] != shape:
+            raise CheckpointError(f"{where} was written for another model: tensor {name} has shape "
+                                  f"{list(there[name])} there, {list(shape)} in this run")
+    if extra := sorted(set(there) - set(here)):
+        raise CheckpointError(f"{where} was written for another model: tensor {extra[0]} is not in this run's model")
+
+    config = ckpt["state"].get("extra", {}).get("config") or {}
+    saved = (config.get("optim") or {}).get("name")
+    if optim_name is not None and saved is not None and saved != optim_name:
+        raise CheckpointError(f"{where} was written with optimizer {saved}, this run uses {optim_name} (optim.name)")
+    if not ckpt["optim"]:
+        return  # no optimizer step was taken before the save: nothing to compare
+    tensors, _ = _flatten_optim(get_optimizer_state_dict(model, optimizer), copy=False)
+    for ours, theirs, missing in ((tensors, ckpt["optim"], "not there"), (ckpt["optim"], tensors, "not in this run")):
+        if diff := sorted(set(ours) - set(theirs)):
+            raise CheckpointError(f"{where} was written for another optimizer ({type(optimizer).__name__} here): "
+                                  f"optimizer state {diff[0]} is {missing}")
+
+
+def apply_checkpoint(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                     optim_name: str | None = None) -> dict[str, Any]:
     """Load model, optimizer and RNG states (every rank; FSDP shards are taken from the full tensors).
 
+    Raises CheckpointError (before changing anything) when the checkpoint does not fit the model or optimizer.
     Returns the JSON state (step, loader, extra).
     """
+    check_compatible(ckpt, model, optimizer, optim_name)
     opts = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, ckpt["model"], options=opts)
     osd = _unflatten_optim(ckpt["optim"], ckpt["state"]["optim"])
@@ -261,4 +292,4 @@ def apply_checkpoint(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.op
 
 
 __all__ = ["save_checkpoint", "read_checkpoint", "load_latest", "resolve_resume", "apply_checkpoint",
-           "list_checkpoints", "CheckpointError", "rng_state", "set_rng_state"]
+           "check_compatible", "list_checkpoints", "CheckpointError", "rng_state", "set_rng_state"]

@@ -28,6 +28,7 @@ import torch
 import yaml
 from torch import nn
 
+from dbrx import fsutil
 from dbrx.config import DbrxConfig
 from dbrx.model import DbrxForCausalLM
 from dbrx.parallel import fsdp
@@ -172,6 +173,18 @@ class Trainer:
             raise ValueError(f"train.seq_len ({t.seq_len}) exceeds the model's max_seq_len ({self.mcfg.max_seq_len})")
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = cfg.checkpoint_dir
+        # one writer per run directory, for the trainer's whole life (the ranks of one torchrun job are one
+        # writer: rank 0 holds it); taken before anything in the run directory is looked at or changed
+        self._lock = (fsutil.lock_dir(self.run_dir, f"run directory {self.run_dir}", inside=True)
+                      if self.dist.is_main else None)
+        try:
+            self._setup(resume, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, resume: str | None, overwrite: bool) -> None:
+        cfg, t = self.cfg, self.cfg.train
         self._check_run_dir(resume, overwrite)
         self.device = self.dist.device
         if self.device.type == "cpu":
@@ -196,13 +209,19 @@ class Trainer:
 
     # ---- setup --------------------------------------------------------------------------------------------
     def _check_run_dir(self, resume: str | None, overwrite: bool) -> None:
-        existing = ckpt_lib.list_checkpoints(self.ckpt_dir)
-        if resume is None and existing and not overwrite:
-            raise ValueError(f"{self.ckpt_dir} already holds checkpoints of an earlier run; pass --resume to "
-                             f"continue it, --overwrite to start again, or choose another run_dir")
+        """A fresh run (no --resume) must not mix with the output of an earlier one: refuse, or with --overwrite
+        delete it (checkpoints, metrics, the exported model, the pictures)."""
+        earlier = [p for p in (self.run_dir / "metrics.jsonl", self.run_dir / "final") if p.exists()]
+        if ckpt_lib.list_checkpoints(self.ckpt_dir):
+            earlier.insert(0, self.ckpt_dir)
+        if resume is None and earlier and not overwrite:
+            raise ValueError(f"{self.run_dir} already holds the output of an earlier run ({earlier[0]}); pass "
+                             f"--resume to continue it, --overwrite to start again, or choose another run_dir")
         if overwrite and resume is None and self.dist.is_main:
             shutil.rmtree(self.ckpt_dir, ignore_errors=True)
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / "final", ignore_errors=True)
+            for name in ("metrics.jsonl", "loss.png", "expert_load.png"):
+                (self.run_dir / name).unlink(missing_ok=True)
         fsdp.barrier()
 
     def _build_data(self):
@@ -280,10 +299,11 @@ class Trainer:
 
     def _resume(self, resume: str) -> None:
         ckpt = ckpt_lib.resolve_resume(resume, self.ckpt_dir)
-        state = ckpt_lib.apply_checkpoint(ckpt, self.model, self.optimizer)
+        state = ckpt_lib.apply_checkpoint(ckpt, self.model, self.optimizer, self.cfg.optim.name)
         self.loader.load_state_dict(state["loader"])
         self.start_step = int(state["step"])
         self.resumed_from = str(ckpt["path"])
+        self.log.resume_at(self.start_step)  # the steps after the checkpoint are run again: drop their records
         self.log.print(f"resumed from {ckpt['path']} at step {self.start_step}")
         self.log.log({"event": "resume", "step": self.start_step, "path": str(ckpt["path"])})
 
@@ -529,7 +549,12 @@ class Trainer:
         return generate_text(model, get_tokenizer(), s.prompt, params)
 
     def close(self) -> None:
-        self.log.close()
+        """Close the metrics and release the run directory (also after a failed __init__; safe to repeat)."""
+        if hasattr(self, "log"):
+            self.log.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 __all__ = ["Trainer", "TrainingError", "LionW", "build_optimizer", "lr_at", "no_decay", "model_config"]
