@@ -145,6 +145,7 @@ class DirLock:
         self.path = Path(lock_file)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+        self.fd = -1
         try:
             self.fd = os.open(self.path, flags, 0o644)
         except OSError as e:
@@ -156,6 +157,7 @@ class DirLock:
         except BlockingIOError:
             holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
+            self.fd = -1  # so that __del__ never closes a descriptor number reused since
             raise LockedError(f"{what} is in use by another process (pid {holder}, lock {self.path}); "
                               f"wait for it to finish or use another directory") from None
         os.ftruncate(self.fd, 0)

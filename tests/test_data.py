@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from dbrx.cli import prepare as prepare_cli
 from dbrx.tokenizer import get_tokenizer
 from dbrx.train import data
 from dbrx.train.data import (
@@ -181,7 +182,7 @@ def test_parquet_rows_are_documents(tmp_path, tok):
 
 def test_cli_prepare(inputs, tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    data.register(parser.add_subparsers())
+    prepare_cli.register(parser.add_subparsers())
     args = parser.parse_args(["prepare", *map(str, inputs), "--out", str(tmp_path / "cli"), "--workers", "1"])
     assert args.func(args) == 0
     assert args.func(args) == 0

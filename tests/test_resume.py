@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def launch(config: Path, *args: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "dbrx.train.cli", "pretrain", str(config), "--no-sample", *args]
+    cmd = [sys.executable, "-m", "dbrx", "pretrain", str(config), "--no-sample", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

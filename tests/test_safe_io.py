@@ -314,3 +314,22 @@ def test_fuzzed_config_json_is_info_or_a_one_line_error(tmp_path, changes):
 def test_fuzzed_overrides_are_info_or_a_one_line_error(field, value):
     code, err = _cli_outcome(["info", "dbrx-tiny", "--override", f"{field}={value}"])
     assert code == 0 or (code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err), err
+
+
+def test_a_refused_lock_leaves_no_dangling_descriptor(tmp_path):
+    """A LockedError must not leave an object whose finaliser closes a descriptor number reused since."""
+    import gc
+
+    held = dbrx.fsutil.lock_dir(tmp_path / "d", "d", inside=True)
+    script = ("import sys, dbrx.fsutil as f\n"
+              "try:\n    f.lock_dir(sys.argv[1], 'd', inside=True)\nexcept f.LockedError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "d")], capture_output=True, text=True).stdout
+    assert f"pid {os.getpid()}" in out
+    for _ in range(3):  # in-process refusals, each followed by a collection, then a lock elsewhere still works
+        with pytest.raises(dbrx.fsutil.LockedError):
+            dbrx.fsutil.DirLock(tmp_path / "d" / ".lock", "d")
+        other = dbrx.fsutil.lock_dir(tmp_path / f"e{_}", "e", inside=True)
+        gc.collect()
+        other.release()
+    held.release()
+    dbrx.fsutil.lock_dir(tmp_path / "d", "d", inside=True).release()  # free again

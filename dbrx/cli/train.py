@@ -38,7 +38,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "e.g. train.steps=50 optim.lr=1e-3 model.preset=dbrx-tiny (options go before these)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint of the run (or from the given checkpoint directory)")
-    p.add_argument("--overwrite", action="store_true", help="start again, deleting the run's old checkpoints")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again, deleting the run's old checkpoints, metrics, final model and pictures")
     p.add_argument("--no-sample", action="store_true", help="do not print a sample at the end")
 
 

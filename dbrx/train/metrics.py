@@ -120,16 +120,13 @@ class MetricsLogger:
             self.fd = -1
 
     def close(self) -> None:
-        """Close the file and the TensorBoard / MLflow writers (safe to call twice)."""
         if not self.enabled:
             return
         self._close_file()
         if self.tb is not None:
             self.tb.close()
-            self.tb = None
         if self.mlflow is not None:
             self.mlflow.end_run()
-            self.mlflow = None
 
 
 def progress_line(step: int, steps: int, m: dict[str, Any], elapsed: float, start_step: int = 0) -> str:
