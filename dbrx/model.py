@@ -25,7 +25,7 @@ from torch import nn
 from .config import DbrxConfig
 from .kernels import attention
 from .kernels.loss import linear_cross_entropy
-from .moe import MoE, RouterStats, expert_load, load_balancing_loss, router_z_loss
+from .moe import MoE, RouterStats, expert_load, load_balance_per_layer, load_balancing_loss, router_z_loss
 
 
 # ---- rotary embeddings --------------------------------------------------------------------------------
@@ -142,6 +142,8 @@ class LossOutput:
     z_loss: torch.Tensor
     expert_load: torch.Tensor  # (L, E) share of routed pairs per expert
     n_tokens: torch.Tensor | None = None  # tokens that carried loss
+    lb_per_layer: torch.Tensor | None = None  # (L,) each layer's E * sum_e f_le * P_le (1.0 = balanced)
+    n_routed: torch.Tensor | None = None  # real (non-padding) tokens routed, per layer
 
 
 class DbrxForCausalLM(nn.Module):
@@ -230,6 +232,9 @@ class DbrxForCausalLM(nn.Module):
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         dev = input_ids.device
+        if doc_ids is not None and cache_pos is not None:
+            raise ValueError("doc_ids (packed documents) cannot be combined with a KV cache (cache_pos): decode one "
+                             "document per row instead")
         if position_ids is None:
             if cache_pos is not None:
                 position_ids = cache_pos[None].expand(B, T)
@@ -268,13 +273,21 @@ class DbrxForCausalLM(nn.Module):
         doc_ids: torch.Tensor | None = None,
         shift: bool = True,
         z_loss_weight: float = 0.0,
+        load_balancing: str = "per_layer",
     ) -> LossOutput:
         """Next-token cross-entropy (labels -100 ignored) plus the weighted load-balancing loss.
 
         With `shift=True` labels are aligned with input_ids (as in transformers) and shifted here; with
-        `shift=False` labels[t] is already the target for position t.
+        `shift=False` labels[t] is already the target for position t. Padding (attention_mask 0) is never a target
+        and never counted in the router statistics; a batch without a real token gives zero losses, not NaN.
+        load_balancing: 'per_layer' (MegaBlocks, as DBRX was trained) or 'pooled' (transformers'; see moe.py).
         """
         labels = input_ids if labels is None else labels
+        if attention_mask is not None:
+            if attention_mask.shape != labels.shape:
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, labels "
+                                 f"{tuple(labels.shape)}")
+            labels = labels.masked_fill(attention_mask == 0, -100)  # (B, T): padding is never a target
         h, stats = self.hidden_states(input_ids, attention_mask, position_ids, doc_ids)
         if shift:
             h, labels = h[:, :-1], labels[:, 1:]
@@ -283,10 +296,11 @@ class DbrxForCausalLM(nn.Module):
         lm = linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, labels.reshape(-1))  # (N, D), (N,)
         lm = lm / n_tokens.clamp_min(1)
         f = self.config.ffn_config
-        lb = load_balancing_loss(stats, f.moe_num_experts)
+        lb = load_balancing_loss(stats, f.moe_num_experts, f.moe_top_k, load_balancing)
         z = router_z_loss(stats)
         loss = lm + f.moe_loss_weight * lb + (z_loss_weight * z if z_loss_weight else 0.0)
-        return LossOutput(loss, lm, lb, z, expert_load(stats).detach(), n_tokens)
+        per_layer = load_balance_per_layer(stats, f.moe_num_experts, f.moe_top_k).detach()
+        return LossOutput(loss, lm, lb, z, expert_load(stats).detach(), n_tokens, per_layer, stats[0].n_tokens)
 
 
 def build_attention_mask(T, attention_mask, doc_ids, cache_pos, device) -> torch.Tensor | None:

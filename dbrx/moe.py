@@ -107,17 +107,41 @@ class MoE(nn.Module):
         return RouterStats(counts, prob_sum, z_sum, m.sum())
 
 
-def load_balancing_loss(stats: list[RouterStats], n_experts: int) -> torch.Tensor:
-    """Switch-style loss E * sum_e f_e * P_e over all layers' routed pairs (as transformers computes it)."""
-    counts = torch.stack([s.counts for s in stats]).sum(0)  # (E,)
-    prob_sum = torch.stack([s.prob_sum for s in stats]).sum(0)  # (E,)
-    rows = torch.stack([s.n_tokens for s in stats]).sum()
-    return n_experts * torch.sum((counts / rows) * (prob_sum / rows))
+LOAD_BALANCING = ("per_layer", "pooled")
+
+
+def load_balancing_loss(stats: list[RouterStats], n_experts: int, top_k: int, form: str = "per_layer") -> torch.Tensor:
+    """The load-balancing loss E * sum_e f_e * P_e (f: share of routed rows, P: mean router probability).
+
+    - ``per_layer`` (MegaBlocks, as DBRX was trained): each layer's own f_le = counts_le / (K * N_l) and
+      P_le = prob_sum_le / N_l, averaged over layers; 1.0 when every layer is balanced. An overloaded expert in
+      one layer cannot hide behind an idle one in another.
+    - ``pooled`` (transformers' `load_balancing_loss_func`): counts and probabilities summed over all layers first,
+      f_e = counts_e / N (top_k slots counted, so balanced = top_k).
+    Padding never counts (the stats hold real tokens only); a layer with no real token contributes 0, not NaN.
+    """
+    if form not in LOAD_BALANCING:
+        raise ValueError(f"load balancing must be one of {', '.join(LOAD_BALANCING)}, got {form!r}")
+    counts = torch.stack([s.counts for s in stats])  # (L, E)
+    prob_sum = torch.stack([s.prob_sum for s in stats])  # (L, E)
+    n = torch.stack([s.n_tokens for s in stats])  # (L,)
+    if form == "pooled":
+        rows = n.sum().clamp_min(1)
+        return n_experts * torch.sum((counts.sum(0) / rows) * (prob_sum.sum(0) / rows))
+    return load_balance_per_layer(stats, n_experts, top_k).mean()
+
+
+def load_balance_per_layer(stats: list[RouterStats], n_experts: int, top_k: int) -> torch.Tensor:
+    """(L,) each layer's own E * sum_e f_le * P_le (1.0 = balanced): the per-layer loss before the mean."""
+    counts = torch.stack([s.counts for s in stats])  # (L, E)
+    n = torch.stack([s.n_tokens for s in stats]).clamp_min(1)[:, None]  # (L, 1)
+    prob_sum = torch.stack([s.prob_sum for s in stats])
+    return n_experts * ((counts / (top_k * n)) * (prob_sum / n)).sum(-1)
 
 
 def router_z_loss(stats: list[RouterStats]) -> torch.Tensor:
     """Mean over layers and tokens of logsumexp(router logits)^2 (ST-MoE)."""
-    return torch.stack([s.z_sum for s in stats]).sum() / torch.stack([s.n_tokens for s in stats]).sum()
+    return torch.stack([s.z_sum for s in stats]).sum() / torch.stack([s.n_tokens for s in stats]).sum().clamp_min(1)
 
 
 def expert_load(stats: list[RouterStats]) -> torch.Tensor:
@@ -126,4 +150,5 @@ def expert_load(stats: list[RouterStats]) -> torch.Tensor:
     return counts / counts.sum(-1, keepdim=True).clamp_min(1)
 
 
-__all__ = ["MoE", "Router", "RouterStats", "load_balancing_loss", "router_z_loss", "expert_load"]
+__all__ = ["MoE", "Router", "RouterStats", "LOAD_BALANCING", "load_balancing_loss", "load_balance_per_layer",
+           "router_z_loss", "expert_load"]

@@ -77,7 +77,7 @@ def test_logits_and_losses_match_transformers(tmp_path, overrides):
 
     ref = hf(ids, labels=labels, output_router_logits=True)
     torch.testing.assert_close(logits, ref.logits, atol=ATOL, rtol=0)
-    out = ours.compute_loss(ids, labels)
+    out = ours.compute_loss(ids, labels, load_balancing="pooled")  # transformers pools the layers
     torch.testing.assert_close(out.lb_loss, ref.aux_loss.float(), atol=1e-5, rtol=0)
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=0)
     assert out.lb_loss.item() > 0.9  # E * sum f_e P_e >= ~1: a real value, not a placeholder zero
@@ -97,7 +97,7 @@ def test_left_padded_batch_matches_transformers(tmp_path, overrides):
     logits = ours(ids, attention_mask=mask)  # positions default to the same count over real tokens
     real = mask.bool()
     torch.testing.assert_close(logits[real], ref.logits[real], atol=ATOL, rtol=0)
-    out = ours.compute_loss(ids, labels, attention_mask=mask)
+    out = ours.compute_loss(ids, labels, attention_mask=mask, load_balancing="pooled")
     torch.testing.assert_close(out.lb_loss, ref.aux_loss.float(), atol=1e-5, rtol=0)
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=0)
     # padding changed nothing for the real tokens of row 0: same logits as the unpadded sequence alone

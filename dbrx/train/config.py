@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from dbrx.config import YamlLoader, parse_value, yaml_problem
+from dbrx.moe import LOAD_BALANCING
 from dbrx.parallel.activation_checkpoint import MODES
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -79,6 +80,7 @@ class TrainSection:
     activation_checkpointing: str = "none"
     compile: bool = False
     z_loss_weight: float = 0.0
+    load_balancing: str = "per_layer"  # per_layer (MegaBlocks, as DBRX was trained) | pooled (transformers)
     max_nan_skips: int = 5  # consecutive non-finite steps before training stops
     num_threads: int | None = None  # CPU threads per process (default: cores / local processes)
     debug_nan_steps: list[int] = field(default_factory=list)  # testing hook: poison the loss at these steps
@@ -158,6 +160,7 @@ class TrainConfig:
                              f"({t.micro_batch}) x world size ({world})")
         _choice("train.precision", t.precision, PRECISIONS)
         _choice("train.activation_checkpointing", t.activation_checkpointing, MODES)
+        _choice("train.load_balancing", t.load_balancing, LOAD_BALANCING)
         if t.z_loss_weight < 0:
             raise ValueError(f"train.z_loss_weight must be >= 0, got {t.z_loss_weight}")
         _positive("train.max_nan_skips", t.max_nan_skips)

@@ -611,13 +611,18 @@ def shard_batch(batch: Mapping[str, torch.Tensor], rank: int, world: int) -> dic
     return {k: v[rank * per : (rank + 1) * per] for k, v in batch.items()}
 
 
-def _to_batch(tokens: np.ndarray, doc_ids: np.ndarray, labels: np.ndarray | None = None) -> dict[str, torch.Tensor]:
-    """(B, T+1) windows -> input_ids, labels (next tokens), doc_ids, each (B, T) int64."""
-    return {
+def _to_batch(tokens: np.ndarray, doc_ids: np.ndarray, labels: np.ndarray | None = None,
+              real: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """(B, T+1) windows -> input_ids, labels (next tokens), doc_ids, each (B, T) int64; with `real` (B, T+1) bool
+    (False on padding) also attention_mask (B, T) int64."""
+    out = {
         "input_ids": torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])),
         "labels": torch.from_numpy(np.ascontiguousarray(tokens[:, 1:] if labels is None else labels)),
         "doc_ids": torch.from_numpy(np.ascontiguousarray(doc_ids[:, :-1])),
     }
+    if real is not None:
+        out["attention_mask"] = torch.from_numpy(np.ascontiguousarray(real[:, :-1]).astype(np.int64))
+    return out
 
 
 class MixtureLoader:

@@ -82,7 +82,8 @@ def load_chat_jsonl(path: str | os.PathLike) -> list[list[dict[str, str]]]:
 
 
 class SFTLoader:
-    """Global batches of packed conversations: input_ids, labels (-100 off assistant replies), doc_ids.
+    """Global batches of packed conversations: input_ids, labels (-100 off assistant replies), doc_ids and
+    attention_mask (0 on the padding that ends a window: never a target, never routed into the statistics).
 
     Same interface as :class:`dbrx.train.data.MixtureLoader`: ``batch(step)`` for consecutive steps, ``shard`` for
     one rank's rows, ``state_dict`` / ``load_state_dict`` for exact resume. A conversation longer than
@@ -170,16 +171,18 @@ class SFTLoader:
         if step != self.step:
             raise ValueError(f"batch({step}) called out of order: the next step is {self.step} "
                              "(restore a saved position with load_state_dict)")
-        rows = []
+        rows, n_convs = [], []
         for _ in range(self.global_batch):
             packs = self.packs(self.epoch)
             rows.append(self.window(packs[self.cursor]))
+            n_convs.append(len(packs[self.cursor]))
             self.cursor += 1
             if self.cursor == len(packs):
                 self.epoch, self.cursor = self.epoch + 1, 0
         self.step = step + 1
         tokens, labels, doc_ids = (np.stack(x) for x in zip(*rows))
-        return _to_batch(tokens, doc_ids, labels)
+        real = doc_ids < np.array(n_convs)[:, None]  # (B, T+1): padding has the doc id after the last conversation
+        return _to_batch(tokens, doc_ids, labels, real)
 
     shard = staticmethod(shard_batch)
 
