@@ -53,8 +53,14 @@ def init_distributed() -> DistInfo:
 
 
 def shard_model(model: nn.Module, bf16: bool = False) -> nn.Module:
-    """fully_shard each block, then the root (embedding, final norm and head stay in the root's group)."""
-    if _TORCH < (2, 7) and next(model.parameters()).device.type == "cpu":
+    """fully_shard each block, then the root (embedding, final norm and head stay in the root's group).
+
+    A model on the meta device stays there, sharded: `model.to_empty(device=...)` then allocates only each rank's
+    shards, and `dbrx.parallel.init.init_weights` fills them.
+    """
+    device = next(model.parameters()).device
+    on_cpu = device.type == "cpu" or (device.type == "meta" and not torch.cuda.is_available())
+    if _TORCH < (2, 7) and on_cpu:
         raise ValueError(f"sharded training on the CPU (several processes) needs torch >= 2.7, where FSDP2 runs on "
                          f"the CPU; this is torch {torch.__version__}: use GPUs, one process, or a newer torch")
     mp = MixedPrecisionPolicy()

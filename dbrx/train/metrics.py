@@ -1,9 +1,10 @@
 """Training metrics: JSONL in the run directory (always), TensorBoard / MLflow (when asked), a console line.
 
 Each optimizer step writes one JSON object to `RUN_DIR/metrics.jsonl` with `step`, `loss`, `lm_loss`,
-`lb_loss`, `z_loss`, `lr`, `grad_norm`, `tokens_per_s`, `mfu`, `mem_gb`, `expert_load_max` / `expert_load_min`
-(per layer) and, every few steps, `expert_load` (the full (L, E) share matrix). Other records carry an `event`
-key (`start`, `eval`, `resume`, `nan_skip`, `checkpoint`, `end`).
+`lb_loss`, `z_loss`, `lr`, `grad_norm`, `tokens_per_s`, `mfu`, `mem_gb`, `lb_per_layer` (each layer's
+E * sum_e f_e * P_e, 1.0 = balanced), `expert_load_max` / `expert_load_min` (per layer) and, every few steps,
+`expert_load` (the full (L, E) share matrix). Other records carry an `event` key (`start`, `eval`, `resume`,
+`nan_skip`, `checkpoint`, `end`).
 
 Each record is one `os.write` of a whole line to an `O_APPEND` descriptor, so a crash leaves at most one partial
 last line. A resumed run first trims the file (`trim_metrics`): the partial line goes, and so do the records after

@@ -52,10 +52,19 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     ax1.set_title(f"loss: {run_dir.name}")
     ax1.grid(alpha=0.3)
     ax1.legend()
-    ax2.plot(x, [r["lb_loss"] for r in steps], lw=1, color="tab:green")
+    if "lb_per_layer" in steps[-1]:  # each layer's E * sum_e f_le * P_le: 1.0 = balanced
+        with_layers = [r for r in steps if "lb_per_layer" in r]
+        for layer in range(len(with_layers[-1]["lb_per_layer"])):
+            ax2.plot([r["step"] for r in with_layers], [r["lb_per_layer"][layer] for r in with_layers], lw=1,
+                     label=f"layer {layer}")
+        ax2.axhline(1.0, color="black", lw=1, ls=":", label="balanced (1.0)")
+        ax2.set_ylabel("E * sum_e f_e * P_e per layer")
+        ax2.legend(fontsize=7, loc="upper right")
+    else:  # a run from before per-layer logging: the loss itself
+        ax2.plot(x, [r["lb_loss"] for r in steps], lw=1, color="tab:green")
+        ax2.set_ylabel("load-balancing loss")
     ax2.set_xlabel("step")
-    ax2.set_ylabel("load-balancing loss (top_k = balanced)")
-    ax2.set_title("load balancing")
+    ax2.set_title("load balance per layer")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(run_dir / "loss.png", dpi=110)
@@ -64,23 +73,33 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
 
     with_load = [r for r in steps if "expert_load" in r]
     if with_load:
-        matrix = with_load[-1]["expert_load"]  # (L, E)
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-        im = ax1.imshow(matrix, aspect="auto", cmap="viridis")
+        from matplotlib.colors import TwoSlopeNorm
+
+        matrix = with_load[-1]["expert_load"]  # (L, E) shares of routed rows
+        n_experts = len(matrix[0])
+        rel = [[share * n_experts for share in row] for row in matrix]  # 1.0 = the balanced share 1/E
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+        top = max(2.0, max(max(row) for row in rel))
+        im = ax1.imshow(rel, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=top))
         ax1.set_xlabel("expert")
         ax1.set_ylabel("layer")
-        ax1.set_yticks(range(len(matrix)))
-        ax1.set_title(f"share of routed tokens, step {with_load[-1]['step']}")
+        ax1.set_yticks(range(len(rel)))
+        ax1.set_xticks(range(n_experts))
+        ax1.set_title(f"load / balanced share (1/{n_experts}), step {with_load[-1]['step']}\n(white = balanced, "
+                      f"blue = starved)", fontsize=9)
         fig.colorbar(im, ax=ax1)
         n_layers = len(steps[0]["expert_load_max"])
         for layer in range(n_layers):
-            line = ax2.plot(x, [r["expert_load_max"][layer] for r in steps], lw=1, label=f"layer {layer} max")
-            ax2.plot(x, [r["expert_load_min"][layer] for r in steps], lw=1, ls="--", color=line[0].get_color())
-        n_experts = len(matrix[0])
-        ax2.axhline(1 / n_experts, color="black", lw=0.8, label="balanced")
+            line = ax2.plot(x, [r["expert_load_min"][layer] * n_experts for r in steps], lw=1,
+                            label=f"layer {layer}")
+            ax2.plot(x, [r["expert_load_max"][layer] * n_experts for r in steps], lw=1, ls="--",
+                     color=line[0].get_color())
+        ax2.axhline(1.0, color="black", lw=1.2, label="balanced")
+        ax2.axhline(0.25, color="tab:red", lw=1, ls=":", label="1/4 of balanced")
+        ax2.set_ylim(bottom=0)
         ax2.set_xlabel("step")
-        ax2.set_ylabel("share (max solid, min dashed)")
-        ax2.set_title("expert load per layer")
+        ax2.set_ylabel("share x E (min solid, max dashed)")
+        ax2.set_title("least and most loaded expert per layer")
         ax2.grid(alpha=0.3)
         ax2.legend(fontsize=7, loc="upper right")
         fig.tight_layout()
