@@ -408,10 +408,18 @@ def save_state_dict(state: dict[str, torch.Tensor], cfg: DbrxConfig, path: str |
     shapes = _expected_shapes(cfg)
     got = {k: tuple(v.shape) for k, v in state.items()}
     assert got == shapes, f"state dict does not match the config: {sorted(set(got) ^ set(shapes))[:5]}"
-    plan = _plan(shapes, state.__getitem__, lambda n: dtype or state[n].dtype, "stacked")
+    save_tensors(state.__getitem__, cfg, path, lambda n: dtype or state[n].dtype, max_shard_bytes)
+
+
+def save_tensors(get: Callable[[str], torch.Tensor], cfg: DbrxConfig, path: str | os.PathLike,
+                 dtype_of: Callable[[str], torch.dtype], max_shard_bytes: int | str = DEFAULT_SHARD_BYTES) -> None:
+    """Write the tensors `get(name)` (our names and shapes for `cfg`, experts (E, F, D)) as a Hugging Face checkpoint
+    in the stacked layout, atomically, asking for each tensor only when its shard is written (a sharded training
+    checkpoint is exported without ever holding the whole model). `dtype_of(name)`: the dtype it is written in."""
+    plan = _plan(_expected_shapes(cfg), get, dtype_of, "stacked")
     with _replacing(path) as tmp:
         _write(plan, tmp, parse_size(max_shard_bytes))
-        _save_config(cfg, tmp, dtype or state["lm_head.weight"].dtype)
+        _save_config(cfg, tmp, dtype_of("lm_head.weight"))
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, layout: str = "stacked", dtype=None,
@@ -471,6 +479,6 @@ def state_dict_to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torc
     return {k: v.reshape(-1, v.shape[-1]) if EXPERT_RE.fullmatch(k) else v for k, v in state.items()}
 
 
-__all__ = ["read_checkpoint", "save_state_dict", "convert_checkpoint", "detect_layout", "parse_dtype", "parse_size",
-           "plain_file_name", "transformers_config", "state_dict_to_transformers", "HF_NO_CLIP", "LAYOUTS",
-           "DEFAULT_SHARD_BYTES"]
+__all__ = ["read_checkpoint", "save_state_dict", "save_tensors", "convert_checkpoint", "detect_layout", "parse_dtype",
+           "parse_size", "plain_file_name", "transformers_config", "state_dict_to_transformers", "HF_NO_CLIP",
+           "LAYOUTS", "DEFAULT_SHARD_BYTES"]

@@ -100,7 +100,7 @@ def save(root: Path, step: int, model, opt) -> Path:
 
 
 def saved_weight(path: Path) -> torch.Tensor:
-    return ckpt_lib.read_checkpoint(path)["model"]["weight"]
+    return ckpt_lib.load_tensor(ckpt_lib.read_checkpoint(path), "model/weight")
 
 
 class FailAt:

@@ -81,7 +81,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
     train(ref)
     reference = {r["step"]: r["loss"] for r in step_records(ref.run_dir)}
     latest, previous = ckpt_lib.list_checkpoints(ref.checkpoint_dir)[::-1]
-    model_file = latest / "model.safetensors"
+    model_file = latest / "__0_0.distcp"  # the DCP shard file of rank 0 (model and optimizer state)
     with open(model_file, "r+b") as f:
         f.truncate(model_file.stat().st_size // 2)
     with pytest.warns(UserWarning, match="step_00000008.*truncated"):
@@ -102,9 +102,9 @@ def test_checksum_mismatch_is_detected(tmp_path):
     cfg = tiny_train_config(tmp_path, train={"steps": 2}, checkpoint={"interval": 2})
     train(cfg)
     (path,) = ckpt_lib.list_checkpoints(cfg.checkpoint_dir)
-    data = bytearray((path / "optim.safetensors").read_bytes())
+    data = bytearray((path / "__0_0.distcp").read_bytes())
     data[-1] ^= 0xFF  # same size, one flipped byte
-    (path / "optim.safetensors").write_bytes(bytes(data))
+    (path / "__0_0.distcp").write_bytes(bytes(data))
     with pytest.raises(ckpt_lib.CheckpointError, match="checksum"):
         ckpt_lib.read_checkpoint(path)
     with pytest.raises(ckpt_lib.CheckpointError, match="no usable checkpoint"), pytest.warns(UserWarning):
@@ -133,7 +133,7 @@ def test_state_json_without_a_file_entry_is_a_checkpoint_error(tmp_path):
     train(cfg)
     first, latest = ckpt_lib.list_checkpoints(cfg.checkpoint_dir)
     state = json.loads((latest / "state.json").read_text())
-    del state["files"]["rng.safetensors"]
+    del state["files"]["rng-00000.safetensors"]
     (latest / "state.json").write_text(json.dumps(state))
     with pytest.raises(ckpt_lib.CheckpointError, match="unreadable"):
         ckpt_lib.read_checkpoint(latest)

@@ -9,6 +9,7 @@
     dbrx pretrain [CONFIG] [k=v]   train (no arguments: the demo model on the bundled corpus)
     dbrx finetune --model DIR ...  supervised fine-tuning on chat JSONL
     dbrx plot RUN_DIR              loss and expert-load pictures of a run
+    dbrx export RUN_DIR OUT        a Hugging Face checkpoint from a (sharded) training checkpoint
     dbrx bench train|prefill       throughput, TFLOP/s, MFU, memory (optionally against transformers)
 
 Any expected failure (bad input, a missing device or file, no space left, Ctrl-C) ends in one line on stderr and

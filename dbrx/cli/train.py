@@ -1,4 +1,4 @@
-"""The training verbs: `pretrain`, `finetune` and `plot` (dbrx.train does the work).
+"""The training verbs: `pretrain`, `finetune`, `plot` and `export` (dbrx.train does the work).
 
     dbrx pretrain                                  the demo: dbrx-demo on the bundled corpus, a few minutes on CPU
     dbrx pretrain my.yaml optim.lr=1e-3 train.steps=50
@@ -6,6 +6,7 @@
     dbrx pretrain --resume                         continue the run from its latest checkpoint
     dbrx finetune --model runs/demo/final --data chat.jsonl train.steps=100
     dbrx plot runs/demo
+    dbrx export runs/demo --step 100 out/          a training checkpoint as a Hugging Face checkpoint
 """
 
 from __future__ import annotations
@@ -69,6 +70,17 @@ def register(subparsers) -> None:
                     "RUN_DIR/expert_load.png (share of routed tokens per expert and layer) from RUN_DIR/metrics.jsonl.")
     p.add_argument("run_dir", help="a training run directory (holding metrics.jsonl)")
     p.set_defaults(func=run_plot)
+
+    p = subparsers.add_parser(
+        "export", help="write a training checkpoint's model as a Hugging Face checkpoint",
+        description="Write the model of a (sharded) training checkpoint of RUN_DIR as a Hugging Face-format "
+                    "checkpoint in OUT, tensor by tensor (the whole model is never held in memory). RUN_DIR may also "
+                    "be a checkpoint directory or one step_* checkpoint. OUT is replaced whole once complete.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run directory (its checkpoints/), a checkpoint "
+                                                      "directory, or one step_* checkpoint")
+    p.add_argument("out", metavar="OUT", help="the Hugging Face checkpoint directory to write")
+    p.add_argument("--step", type=int, default=None, help="the step to export (default: the newest usable checkpoint)")
+    p.set_defaults(func=run_export)
 
 
 def _resume_arg(args: argparse.Namespace) -> list[str]:
@@ -149,4 +161,12 @@ def run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["register", "run_pretrain", "run_finetune", "run_plot"]
+def run_export(args: argparse.Namespace) -> int:
+    from dbrx.train.train_checkpoint import export_hf
+
+    ckpt = export_hf(args.run_dir, args.out, step=args.step)
+    print(f"exported {ckpt} to {args.out}", file=sys.stderr)
+    return 0
+
+
+__all__ = ["register", "run_pretrain", "run_finetune", "run_plot", "run_export"]

@@ -124,7 +124,11 @@ def model_config(cfg: TrainConfig) -> DbrxConfig:
         raise ValueError(f"model.overrides: {e}") from None
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, rank: int | None = None, step: int = 0) -> None:
+    """Seed torch (CPU and CUDA), NumPy and Python's `random` with `seed`, or with `rank`: that rank's own stream,
+    derived from (seed, rank, step), so that ranks draw different dropout and jitter noise, reproducibly."""
+    if rank is not None:
+        seed = int(np.random.SeedSequence([seed % 2**64, rank, step]).generate_state(1, np.uint64)[0])
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -198,6 +202,7 @@ class Trainer:
         self.loader, self.eval_sets = self._build_data()
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        seed_everything(t.seed, self.dist.rank)  # after the model's initialisation, which every rank shares
         self.peak_flops = detect_peak_flops(self.device, cfg.log.peak_flops)
         self.flops_per_token = self.mcfg.flops_per_token(t.seq_len)
         self.start_step = 0
@@ -281,18 +286,25 @@ class Trainer:
         return loader, ({"chat": held} if held else {})
 
     def _build_model(self) -> nn.Module:
+        from dbrx.parallel.init import init_weights
+
         t = self.cfg.train
-        if self.cfg.model.checkpoint:
+        loaded = bool(self.cfg.model.checkpoint)
+        if loaded:
             model = DbrxForCausalLM.from_pretrained(resolve_path(self.cfg.model.checkpoint), dtype=torch.float32,
                                                     device="cpu")
-        else:
-            model = DbrxForCausalLM.from_config(self.mcfg, seed=t.seed)
+        else:  # nothing allocated yet: each rank materialises only its own shards, after sharding
+            model = DbrxForCausalLM.from_config(self.mcfg, device="meta")
         apply_activation_checkpointing(model, t.activation_checkpointing)
         if t.compile:
             compile_blocks(model)  # after activation checkpointing: the checkpoint sits inside the compiled region
         if self.dist.distributed:
-            fsdp.shard_model(model, bf16=self.bf16)  # moves each rank's shards to its device
-        else:
+            fsdp.shard_model(model, bf16=self.bf16)  # a loaded model's shards move to this rank's device
+        if not loaded:
+            model.to_empty(device=self.device)
+            # the same full weights for any number of ranks (and devices): each block of values has its own seed
+            init_weights(model, t.seed, self.mcfg.initializer_range)
+        elif not self.dist.distributed:
             model.to(self.device)
         model.train()
         return model
@@ -302,6 +314,10 @@ class Trainer:
         state = ckpt_lib.apply_checkpoint(ckpt, self.model, self.optimizer, self.cfg.optim.name)
         self.loader.load_state_dict(state["loader"])
         self.start_step = int(state["step"])
+        if not ckpt_lib.restore_rng(ckpt):
+            seed_everything(self.cfg.train.seed, self.dist.rank, self.start_step)
+            self.log.print(f"note: {ckpt['path']} was written by {state.get('world', 1)} process(es), this run has "
+                           f"{self.dist.world}: each rank's random state is reseeded from (seed, rank, step)")
         self.resumed_from = str(ckpt["path"])
         self.log.resume_at(self.start_step)  # the steps after the checkpoint are run again: drop their records
         self.log.print(f"resumed from {ckpt['path']} at step {self.start_step}")
@@ -324,26 +340,33 @@ class Trainer:
         start = time.perf_counter()
         batch = self.loader.batch(step)
         n_global = max(int((batch["labels"] != -100).sum()), 1)
+        # router statistics count real tokens only: each micro batch's load-balancing and z losses (and expert
+        # load) weigh by its share of the global batch's real tokens, so padding, even a whole micro batch of
+        # it, changes nothing
+        mask = batch.get("attention_mask")
+        real_global = max(int(mask.sum()) if mask is not None else batch["input_ids"].numel(), 1)
         local = self.loader.shard(batch, self.dist.rank, world)
-        parts = torch.zeros(3, device=self.device)  # lm (token-weighted), lb, z, summed over micro batches
-        load = None
+        L = self.mcfg.n_layers
+        parts = torch.zeros(3 + L, device=self.device)  # lm (token-weighted), lb, z, per-layer balance
+        load = torch.zeros(L, self.mcfg.ffn_config.moe_num_experts, device=self.device)  # (L, E)
         moe_w = self.mcfg.ffn_config.moe_loss_weight
-        n_micro = self.accum * world
         poison = (step + 1) in t.debug_nan_steps
         for i, mb in self._micro_batches(local):
             if self.dist.distributed:
                 self.model.set_requires_gradient_sync(i == self.accum - 1)
             with self._autocast():
-                out = self.model.compute_loss(mb["input_ids"], mb["labels"], doc_ids=mb["doc_ids"], shift=False,
-                                              z_loss_weight=t.z_loss_weight)
+                out = self.model.compute_loss(mb["input_ids"], mb["labels"], attention_mask=mb.get("attention_mask"),
+                                              doc_ids=mb["doc_ids"], shift=False, z_loss_weight=t.z_loss_weight,
+                                              load_balancing=t.load_balancing)
             lm = out.lm_loss * (out.n_tokens / n_global)
-            obj = lm + (moe_w * out.lb_loss + t.z_loss_weight * out.z_loss) / n_micro
+            share = out.n_routed / real_global  # this micro batch's share of the real tokens
+            obj = lm + (moe_w * out.lb_loss + t.z_loss_weight * out.z_loss) * share
             if poison:
                 obj = obj * float("nan")
             (obj * world).backward()  # FSDP averages gradients over ranks: scale back to a sum
-            parts += torch.stack([lm.detach(), out.lb_loss.detach() / n_micro, out.z_loss.detach() / n_micro])
-            el = out.expert_load.float() / n_micro
-            load = el if load is None else load + el
+            parts += torch.cat([lm.detach()[None], torch.stack([out.lb_loss.detach(), out.z_loss.detach()]) * share,
+                                out.lb_per_layer.float() * share])
+            load += out.expert_load.float() * share
         fsdp.all_reduce_sum(parts)
         fsdp.all_reduce_sum(load)
         lr = lr_at(step, t.steps, self.cfg.optim)
@@ -351,7 +374,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        lm_loss, lb_loss, z_loss = parts.tolist()
+        lm_loss, lb_loss, z_loss, *lb_layers = parts.tolist()
         if poison:
             lm_loss = float("nan")
         loss = lm_loss + moe_w * lb_loss + t.z_loss_weight * z_loss
@@ -372,6 +395,7 @@ class Trainer:
             "step": step + 1, "loss": loss, "lm_loss": lm_loss, "lb_loss": lb_loss, "z_loss": z_loss, "lr": lr,
             "grad_norm": grad_norm, "skipped": not finite, "tokens": (step + 1) * tokens, "step_time": dt,
             "tokens_per_s": tps, "mfu": mfu, "mem_gb": memory_gb(self.device),
+            "lb_per_layer": lb_layers,  # each layer's E * sum_e f_le * P_le (1.0 = balanced)
             "expert_load_max": load.max(-1).values.tolist(), "expert_load_min": load.min(-1).values.tolist(),
             "_expert_load": load,
         }
@@ -390,7 +414,8 @@ class Trainer:
                 local = self.loader.shard(batch, self.dist.rank, world)
                 mb = {k: v.to(self.device) for k, v in local.items()}
                 with self._autocast():
-                    out = self.model.compute_loss(mb["input_ids"], mb["labels"], doc_ids=mb["doc_ids"], shift=False)
+                    out = self.model.compute_loss(mb["input_ids"], mb["labels"], doc_ids=mb["doc_ids"], shift=False,
+                                                  attention_mask=mb.get("attention_mask"))
                 sums += torch.stack([out.lm_loss.float() * out.n_tokens, out.n_tokens.float()])
             fsdp.all_reduce_sum(sums)
             results[name] = float(sums[0] / sums[1].clamp_min(1))
@@ -426,9 +451,10 @@ class Trainer:
         self.log.print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to abort)")
 
     def save(self, step: int) -> Path:
+        extra = {"task": self.task, "config": self.cfg.to_dict(), "model_config": self.mcfg.to_hf_dict()}
         path = ckpt_lib.save_checkpoint(self.ckpt_dir, step, self.model, self.optimizer, self.loader.state_dict(),
-                                        extra={"task": self.task, "config": self.cfg.to_dict()},
-                                        keep=self.cfg.checkpoint.keep)
+                                        extra=extra, keep=self.cfg.checkpoint.keep)
+        self._last_save = (step, path)
         self.log.log({"event": "checkpoint", "step": step, "path": str(path)})
         return path
 
@@ -510,27 +536,47 @@ class Trainer:
 
     # ---- the end ------------------------------------------------------------------------------------------
     def export(self, out: str | os.PathLike | None = None) -> Path | None:
-        """Write the trained model in the Hugging Face layout (rank 0; collective under FSDP)."""
+        """Write the trained model in the Hugging Face layout; returns `out` (None on ranks other than 0).
+
+        Under FSDP (call on every rank) nothing is gathered: the ranks write a sharded checkpoint of this step
+        (unless the last save was of it) and rank 0 converts it tensor by tensor. With checkpoints off
+        (checkpoint.interval 0) that checkpoint is removed again.
+        """
         out = Path(out) if out else self.run_dir / "final"
-        model = self.unsharded_model()
-        if model is not None:
-            model.save_pretrained(out)
-            self.log.print(f"saved the model to {out}")
-        fsdp.barrier()
-        return out if model is not None else None
+        self._full = None
+        if not self.dist.distributed:
+            self.model.save_pretrained(out)
+        else:
+            step = self.loader.step
+            last = getattr(self, "_last_save", None)
+            reuse = last is not None and last[0] == step
+            path = last[1] if reuse else self.save(step)
+            temporary = not reuse and not self.cfg.checkpoint.interval
+
+            def convert() -> None:
+                if self.dist.is_main:
+                    ckpt_lib.export_hf(path, out, config=self.mcfg)
+                    if temporary:
+                        shutil.rmtree(path)
+
+            ckpt_lib.everywhere(convert)
+            if temporary:
+                self._last_save = None
+        self._exported = out
+        self.log.print(f"saved the model to {out}")
+        return out if self.dist.is_main else None
 
     def unsharded_model(self) -> DbrxForCausalLM | None:
-        """The model itself (single process) or a full CPU copy on rank 0 (None on other ranks)."""
+        """The model itself (single process) or, under FSDP, a full CPU copy on rank 0 read back from the export
+        (call `export()` first; None on the other ranks)."""
         if not self.dist.distributed:
             return self.model
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.dist.is_main:
             return None
         if getattr(self, "_full", None) is None:
-            self._full = DbrxForCausalLM.from_config(self.mcfg, device="meta")
-        self._full.load_state_dict(sd, assign=True)
+            if getattr(self, "_exported", None) is None:
+                raise RuntimeError("unsharded_model() of a sharded model needs export() first")
+            self._full = DbrxForCausalLM.from_pretrained(self._exported, dtype=torch.float32, device="cpu")
         return self._full
 
     def sample(self) -> str | None:
@@ -541,7 +587,7 @@ class Trainer:
         from dbrx.tokenizer import get_tokenizer
 
         s = self.cfg.sample
-        model = self.model if not self.dist.distributed else self._full
+        model = self.unsharded_model()
         params = SamplingParams(temperature=s.temperature, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
                                 seed=self.cfg.train.seed)
         if self.task == "finetune":  # the same chat template (and system prompt) as the training data
