@@ -5,17 +5,13 @@ The helpers are plain functions (importable as `from conftest import ...`) and a
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
 
 from dbrx import DbrxConfig
-
-# transformers 5.x calls `clamp(min=None, max=None)` when clip_qkv is None and crashes; a clip this large never
-# binds, so the HF side of a "no clipping" case runs with it while our model uses None.
-HF_NO_CLIP = 1e9
+from dbrx.hf_checkpoint import transformers_config
 
 
 def tiny_config(**overrides) -> DbrxConfig:
@@ -26,15 +22,9 @@ def tiny_config(**overrides) -> DbrxConfig:
 
 
 def hf_config(cfg: DbrxConfig):
-    """The equivalent `transformers.DbrxConfig` (theta also as top-level `rope_parameters`, see REFERENCE.md)."""
-    transformers = pytest.importorskip("transformers")
-    d = copy.deepcopy(cfg.to_hf_dict())
-    if d["attn_config"]["clip_qkv"] is None:
-        d["attn_config"]["clip_qkv"] = HF_NO_CLIP
-    d["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.attn_config.rope_theta}
-    d.pop("torch_dtype", None)
-    d["dtype"] = "float32"
-    return transformers.DbrxConfig(**d)
+    """The equivalent `transformers.DbrxConfig` in fp32 (the package's one adapter, dbrx.hf_checkpoint)."""
+    pytest.importorskip("transformers")
+    return transformers_config(cfg, dtype="float32")
 
 
 @torch.no_grad()
