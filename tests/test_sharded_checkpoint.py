@@ -210,3 +210,14 @@ def test_metadata_pickle_runs_no_code(tmp_path):
     (path / "state.json").write_text(json.dumps(state))
     with pytest.raises(ckpt_lib.CheckpointError, match=r"\.metadata: unreadable .*refusing to load .*system"):
         ckpt_lib.read_checkpoint(path)
+
+
+def test_a_world_size_that_cannot_hold_the_batch_is_refused_before_anything_is_built():
+    """Resuming on 3 processes a run whose global batch of 8 rows splits into micro batches of 2 per process."""
+    from dbrx.train.config import load_config
+
+    cfg = load_config(None, ["train.global_batch=8", "train.micro_batch=2"])
+    cfg.validate(world=1)
+    cfg.validate(world=2)
+    with pytest.raises(ValueError, match=r"train.global_batch \(8\).*world size \(3\)"):
+        cfg.validate(world=3)
