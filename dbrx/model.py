@@ -25,6 +25,7 @@ from torch import nn
 from .config import DbrxConfig
 from .kernels import attention
 from .kernels.loss import linear_cross_entropy
+from .kernels.paged_attention import PagedMetadata, paged_attend
 from .moe import MoE, RouterStats, expert_load, load_balance_per_layer, load_balancing_loss, router_z_loss
 
 
@@ -72,8 +73,11 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, cache_pos=None):
-        """x (B, T, D); cos/sin (B, 1, T, hd); mask: None (causal) or bool (B, 1, T, S), True = may attend."""
+    def forward(self, x, cos, sin, mask, cache_pos=None, paged=None):
+        """x (B, T, D); cos/sin (B, 1, T, hd); mask: None (causal) or bool (B, 1, T, S), True = may attend.
+
+        paged: (PagedMetadata, k_cache, v_cache) for the serving engine's ragged step: x is (1, N, D), the N new
+        tokens of several sequences; their K/V go to the engine's paged cache (dbrx.kernels.paged_attention)."""
         B, T, _ = x.shape
         qkv = self.Wqkv(x)  # (B, T, D + 2*kvH*hd)
         if self.clip_qkv is not None:
@@ -84,9 +88,13 @@ class Attention(nn.Module):
         k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, kvH, T, hd)
         v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, kvH, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.n_heads != self.kv_heads
+        if paged is not None:  # (1, H, N, hd) -> (N, H, hd)
+            y = paged_attend(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), *paged[1:],
+                             paged[0], gqa)  # (N, H, hd)
+            return self.out_proj(y.reshape(B, T, -1))  # (1, N, D)
         if cache_pos is not None:
             k, v = self.cache.update(cache_pos, k, v)  # (B, kvH, Tmax, hd)
-        gqa = self.n_heads != self.kv_heads
         if attention.is_block_mask(mask):  # packed documents on CUDA: no T x T mask (dbrx.kernels.attention)
             return self.out_proj(attention.flex_attend(q, k, v, mask, gqa).transpose(1, 2).reshape(B, T, -1))
         y = F.scaled_dot_product_attention(
@@ -119,6 +127,12 @@ class Block(nn.Module):
         n = self.norm_attn_norm
         h = x + F.dropout(n.attn(n.norm_1(x), cos, sin, mask, cache_pos), self.resid_pdrop, self.training)
         return h, n.norm_2(h)
+
+    def forward_paged(self, x, cos, sin, paged) -> torch.Tensor:
+        """The serving step (x (1, N, D), see Attention.forward): no dropout, no router statistics."""
+        n = self.norm_attn_norm
+        h = x + n.attn(n.norm_1(x), cos, sin, None, paged=paged)
+        return h + self.ffn(n.norm_2(h), with_stats=False)[0]
 
     def moe(self, h, normed, token_mask=None, recompute: bool = False) -> tuple[torch.Tensor, RouterStats]:
         """The MoE half; `recompute` has the experts recompute their gate/up activations in backward."""
@@ -263,6 +277,18 @@ class DbrxForCausalLM(nn.Module):
         """Token ids (B, T) -> logits (B, T, V)."""
         h, _ = self.hidden_states(input_ids, attention_mask, position_ids, doc_ids, cache_pos)
         return self.lm_head(h)
+
+    def forward_paged(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: PagedMetadata,
+                      kv_caches: list[tuple[torch.Tensor, torch.Tensor]], logits_indices: torch.Tensor) -> torch.Tensor:
+        """The serving engine's step over a ragged batch: input_ids, positions (N,) the new tokens of several
+        sequences, flattened; meta where their K/V go and what each sequence sees; kv_caches one (k, v) pair per
+        layer, each (blocks, block_size, kvH, hd); logits_indices (M,) the tokens whose next-token logits are
+        wanted (the last of each sequence, or every prompt token for prompt log-probabilities) -> (M, V)."""
+        cos, sin = rope_cos_sin(positions[None], self.config.head_dim, self.config.attn_config.rope_theta)
+        x = self.transformer.wte(input_ids)[None]  # (1, N, D)
+        for block, (k_cache, v_cache) in zip(self.transformer.blocks, kv_caches, strict=True):
+            x = block.forward_paged(x, cos, sin, (meta, k_cache, v_cache))
+        return self.lm_head(self.transformer.norm_f(x[0, logits_indices]))  # (M, D) -> (M, V)
 
     def compute_loss(
         self,

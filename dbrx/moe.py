@@ -78,10 +78,11 @@ class MoE(nn.Module):
             weights = weights / weights.norm(p=self.normalize_p, dim=-1, keepdim=True)
         return probs, weights, idx
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, recompute: bool = False
-                ) -> tuple[torch.Tensor, RouterStats]:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, recompute: bool = False,
+                with_stats: bool = True) -> tuple[torch.Tensor, RouterStats | None]:
         """x: (B, T, D); token_mask: (B, T) bool, False for padding (excluded from the statistics only);
-        recompute: keep no (routed rows, F) activations for backward, recompute them there (see expert_glu)."""
+        recompute: keep no (routed rows, F) activations for backward, recompute them there (see expert_glu);
+        with_stats: False for inference (no router statistics computed; None returned)."""
         B, T, D = x.shape
         x_nd = x.reshape(B * T, D)  # (N, D)
         logits = self.router(x_nd)  # (N, E)
@@ -94,7 +95,7 @@ class MoE(nn.Module):
         y_nd = expert_glu(x_nd, weights.to(x_nd.dtype), idx, w1, v1, w2, backend=self.backend,
                           recompute=recompute)  # (N, D)
 
-        stats = self.stats(logits, probs, idx, token_mask)
+        stats = self.stats(logits, probs, idx, token_mask) if with_stats else None
         return y_nd.view(B, T, D), stats
 
     def stats(self, logits, probs, idx, token_mask) -> RouterStats:

@@ -1,0 +1,72 @@
+"""Attention over a paged KV cache, for a ragged batch of sequences (the serving engine's step).
+
+Shape legend:
+  N new tokens of all sequences, flattened; S sequences; H query heads, kvH KV heads, hd head dim;
+  NB blocks in the pool, BS tokens per block; L a sequence's context (cached + new tokens).
+
+The engine owns the memory: per layer a key and a value cache of shape (NB, BS, kvH, hd); token t of a sequence
+lives in slot `block_table[t // BS] * BS + t % BS`. Each step the model writes the new tokens' keys and values at
+`slot_mapping` and attends, for each sequence, from its new tokens (the last `query_len` positions of its context)
+to its whole context, causally. `BACKENDS` maps a name to the attention function; `BACKEND` picks one (set from
+outside, e.g. by the engine): `reference` is the exact one (any device). Imports: torch only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PagedMetadata:
+    """Where a step's tokens go and what each sequence sees. Host lists where the reference needs plain ints."""
+
+    slot_mapping: torch.Tensor  # (N,) long: the cache slot each new token's K/V is written to
+    block_tables: torch.Tensor  # (S, max_blocks) long: each sequence's blocks (padded with any valid block id)
+    query_lens: list[int]  # S new-token counts, in the order of the flattened batch (sum = N)
+    seq_lens: list[int]  # S context lengths after this step (cached + new)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k, v (N, kvH, hd) into the caches (NB, BS, kvH, hd) at their slots."""
+    NB, BS, kvH, hd = k_cache.shape
+    k_cache.view(NB * BS, kvH, hd).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(NB * BS, kvH, hd).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedMetadata,
+                        gqa: bool) -> torch.Tensor:
+    """q (N, H, hd) -> (N, H, hd): each sequence's new tokens attend to its gathered context, causally (SDPA)."""
+    BS = k_cache.shape[1]
+    out = torch.empty_like(q)
+    start = 0
+    for s, (n, L) in enumerate(zip(meta.query_lens, meta.seq_lens)):
+        blocks = meta.block_tables[s, : -(-L // BS)]
+        k = k_cache[blocks].flatten(0, 1)[:L]  # (L, kvH, hd)
+        v = v_cache[blocks].flatten(0, 1)[:L]
+        qs = q[start : start + n]  # (n, H, hd)
+        pos = torch.arange(L - n, L, device=q.device)  # the new tokens' positions in the sequence
+        allowed = torch.arange(L, device=q.device)[None, :] <= pos[:, None]  # (n, L)
+        y = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], k.transpose(0, 1)[None].to(q.dtype),
+                                           v.transpose(0, 1)[None].to(q.dtype), attn_mask=allowed,
+                                           enable_gqa=gqa)  # (1, H, n, hd)
+        out[start : start + n] = y[0].transpose(0, 1)
+        start += n
+    return out
+
+
+BACKENDS = {"reference": reference_attention}
+BACKEND = "reference"
+
+
+def paged_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 meta: PagedMetadata, gqa: bool) -> torch.Tensor:
+    """Write the new k, v (N, kvH, hd) into the caches, then attend: q (N, H, hd) -> (N, H, hd)."""
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    return BACKENDS[BACKEND](q, k_cache, v_cache, meta, gqa)
+
+
+__all__ = ["PagedMetadata", "write_kv", "reference_attention", "paged_attend", "BACKENDS"]
