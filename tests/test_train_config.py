@@ -28,7 +28,8 @@ def test_overrides_dotted_paths_yaml_scalars(tmp_path):
     cfg = load_config(None, ["optim.lr=1e-3", "train.steps=50", "model.overrides.n_layers=2", "optim.grad_clip=null",
                              "train.debug_nan_steps=[3, 4]", "log.tensorboard=false", "run_dir=" + str(tmp_path)])
     assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
-    assert cfg.train.steps == 50 and cfg.model.overrides == {"n_layers": 2} and cfg.optim.grad_clip is None
+    assert cfg.train.steps == 50 and cfg.optim.grad_clip is None
+    assert cfg.model.overrides == {"ffn_config": {"moe_loss_weight": 0.5}, "n_layers": 2}  # merged into the demo's
     assert cfg.train.debug_nan_steps == [3, 4] and cfg.run_dir == str(tmp_path)
     assert parse_overrides(["a.b=true"]) == [(["a", "b"], True)]
     with pytest.raises(ValueError, match="key=value"):
