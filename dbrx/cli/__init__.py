@@ -5,6 +5,7 @@
     dbrx convert IN OUT            split <-> stacked expert layout, dtype
     dbrx generate --model DIR TEXT generate (or stream) text; --chat applies the DBRX Instruct template
     dbrx chat --model DIR          interactive multi-turn chat
+    dbrx serve --model DIR         OpenAI-compatible HTTP server (continuous batching, paged KV cache)
     dbrx prepare INPUT... --out D  tokenize text / JSONL / Parquet into token shards
     dbrx pretrain [CONFIG] [k=v]   train (no arguments: the demo model on the bundled corpus)
     dbrx finetune --model DIR ...  supervised fine-tuning on chat JSONL
@@ -30,7 +31,7 @@ import torch
 from .common import Parser
 
 # verb modules, in the order `dbrx --help` lists them: each has register(subparsers)
-VERB_MODULES = ("model", "generate", "prepare", "train", "bench")
+VERB_MODULES = ("model", "generate", "serve", "prepare", "train", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

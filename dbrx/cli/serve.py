@@ -1,0 +1,63 @@
+"""The `serve` verb: an OpenAI-compatible HTTP server over the continuous-batching engine (dbrx.serve)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .common import add_model_args, load_model
+
+
+def cmd_serve(args) -> int:
+    try:
+        from dbrx.serve.api import create_app, run_server
+    except ImportError as e:
+        raise ValueError(f"dbrx serve needs the serve extra: pip install 'dbrx[serve]' ({e})") from None
+    from dbrx.hf_checkpoint import parse_size
+    from dbrx.serve.engine import AsyncEngine, Engine, EngineConfig
+    from dbrx.tokenizer import get_tokenizer
+
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    config = EngineConfig(block_size=args.block_size, kv_memory_bytes=parse_size(args.kv_memory),
+                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_model_len=args.max_model_len, max_waiting=args.max_waiting,
+                          enable_prefix_cache=not args.no_prefix_cache)
+    config.validate()  # before the (slow) model load
+    model = load_model(args)
+    engine = AsyncEngine(Engine(model, config))
+    name = args.name or os.path.basename(os.path.normpath(args.model))
+    app = create_app(engine, get_tokenizer(), name, api_key=args.api_key)
+    s = engine.engine.pool
+    print(f"dbrx serve: {name} on http://{args.host}:{args.port} ({s.num_blocks} KV blocks of {args.block_size} "
+          f"tokens, up to {args.max_num_seqs} sequences, {args.max_num_batched_tokens} tokens a step)",
+          file=sys.stderr, flush=True)
+    try:
+        run_server(app, host=args.host, port=args.port)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API (continuous batching, paged KV cache)",
+        description="Serve a checkpoint at /v1/completions, /v1/chat/completions, /v1/models, /health and "
+                    "/metrics (Prometheus). Binds to 127.0.0.1 unless --host says otherwise.")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: no key)")
+    p.add_argument("--name", default=None, help="the model name clients use (default: the directory's name)")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="running sequences at most (default 32)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="tokens per engine step, prefill chunks and decodes together (default 512)")
+    p.add_argument("--kv-memory", default="1GiB", help="memory for the paged KV cache (default 1GiB)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429 (default 256)")
+    p.add_argument("--no-prefix-cache", action="store_true", help="do not share KV blocks between prompts")
+    p.set_defaults(func=cmd_serve)
+
+
+__all__ = ["register"]

@@ -1,0 +1,316 @@
+"""The serving engine: continuous batching over a paged KV cache, per-request sampling, and an asyncio front.
+
+Each `Engine.step()` asks the scheduler which requests run and how many of their tokens (prefill chunks and
+decode tokens together, under one token budget), flattens those tokens into one ragged batch, runs
+`DbrxForCausalLM.forward_paged` with the KV blocks the pool assigned, samples the next token of every request
+that reached the end of its known tokens, and hands the results back to the scheduler. The engine owns the KV
+memory: one (blocks, block_size, kvH, hd) key and value tensor per layer, sized up front.
+
+Sampling works on per-row tensors (temperature, top-k, top-p, repetition penalty), so a request's settings
+never affect another's; random draws come from each request's own generator (seeded when the request has a
+seed) through the exponential race (argmax p / E with E ~ Exp(1) is a sample from p), so a seeded request
+gives the same tokens whatever else runs. Greedy rows take the argmax. `AsyncEngine` runs the steps in a
+background thread and streams each request's outputs to an asyncio consumer.
+
+Imports: dbrx.model (through the model object), dbrx.kernels.paged_attention, dbrx.generate (SamplingParams),
+dbrx.tokens, dbrx.serve.blocks / scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from dbrx.generate import SamplingParams
+from dbrx.kernels.paged_attention import PagedMetadata
+from dbrx.tokens import REAL_VOCAB_SIZE, UNUSED_IDS
+
+from .blocks import BlockPool
+from .scheduler import Request, Scheduler
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its limit: try again later (HTTP 429)."""
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    num_blocks: int | None = None  # default: as many as kv_memory_bytes holds
+    kv_memory_bytes: int = 256 << 20
+    max_num_seqs: int = 32  # running requests at most
+    max_num_batched_tokens: int = 512  # tokens per step (prefill chunks + decodes)
+    max_model_len: int | None = None  # default: the model's max_seq_len
+    max_waiting: int = 1024  # waiting requests at most (then QueueFull)
+    enable_prefix_cache: bool = True
+
+    def validate(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting", "kv_memory_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"engine: {name} must be a positive integer, got {value!r}")
+        if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks < 2):
+            raise ValueError(f"engine: num_blocks must be an integer >= 2, got {self.num_blocks!r}")
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]  # produced since the previous output of this request
+    new_logprobs: list[dict] | None  # per new token {"token_id", "logprob", "top": [(id, logprob), ...]} when asked
+    prompt_logprobs: list[dict | None] | None  # once, in the first output, when asked
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    num_prompt_tokens: int
+    num_cached_tokens: int  # prompt tokens served from the prefix cache
+
+
+@dataclass
+class _Extra:
+    """What the engine keeps beside the scheduler's Request."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    logprobs: int | None = None
+    num_cached: int | None = None
+    sent: int = 0  # output tokens already reported
+    pending_logprobs: list[dict] = field(default_factory=list)
+
+
+class Engine:
+    """Synchronous engine: `add_request`, then `step()` until `has_unfinished()` is False."""
+
+    def __init__(self, model, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        config.validate()
+        self.model = model.eval()
+        cfg = model.config
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        kv_heads, hd = cfg.attn_config.kv_n_heads, cfg.head_dim
+        per_block = 2 * cfg.n_layers * config.block_size * kv_heads * hd * p.element_size()
+        num_blocks = config.num_blocks or max(2, config.kv_memory_bytes // per_block)
+        self.max_model_len = min(config.max_model_len or cfg.max_seq_len, cfg.max_seq_len)
+        shape = (num_blocks, config.block_size, kv_heads, hd)
+        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(cfg.n_layers)]
+        self.pool = BlockPool(num_blocks, config.block_size, enable_prefix_cache=config.enable_prefix_cache)
+        self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
+        self.vocab_limit = min(cfg.vocab_size, REAL_VOCAB_SIZE)
+        self._unused = torch.tensor([i for i in UNUSED_IDS if i < self.vocab_limit], dtype=torch.long,
+                                    device=self.device)
+        self._extra: dict[str, _Extra] = {}
+        self._requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+
+    # ---- requests ---------------------------------------------------------------------------------------------
+    def add_request(self, request_id: str | None, prompt_ids: Sequence[int], params: SamplingParams,
+                    logprobs: int | None = None) -> str:
+        """Queue a request; ValueError when it cannot be served, QueueFull when the waiting queue is full."""
+        params.validate()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt = list(prompt_ids)
+        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < self.vocab_limit]
+        if bad:
+            raise ValueError(f"prompt has token ids outside [0, {self.vocab_limit}): {bad[:5]}")
+        if logprobs is not None and not 0 <= logprobs <= 20:
+            raise ValueError(f"logprobs must be in [0, 20], got {logprobs}")
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise QueueFull(f"{len(self.scheduler.waiting)} requests are waiting (the limit)")
+        req = Request(request_id=request_id, prompt_ids=prompt, max_tokens=params.max_new_tokens, sampling=params)
+        self.scheduler.add(req)  # ValueError for an empty prompt or one that cannot fit max_model_len
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        self._requests[request_id] = req
+        self._extra[request_id] = _Extra(params, gen, logprobs)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        if request_id in self._requests:
+            self.scheduler.abort(request_id)
+            self._requests.pop(request_id)
+            self._extra.pop(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> dict:
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_usage": self.pool.usage, "prefix_hits": self.pool.prefix_hits,
+                "prefix_queries": self.pool.prefix_queries, "preemptions": self.scheduler.num_preemptions}
+
+    # ---- one step ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; returns an output for every request that produced a token or finished."""
+        sched = self.scheduler.schedule()
+        scheduled = list(sched.scheduled)
+        if not scheduled:
+            return []
+        ids, pos, slots, qlens, lens, tables, want, sampling = [], [], [], [], [], [], [], []
+        for req, n in scheduled:
+            start = req.num_computed
+            all_ids = req.all_ids
+            ids += all_ids[start : start + n]
+            pos += range(start, start + n)
+            slots += self.pool.slots(req.block_ids, start, start + n)
+            qlens.append(n)
+            lens.append(start + n)
+            tables.append(req.block_ids)
+            if start + n == req.num_tokens:  # reached the end of its known tokens: it gets a new one
+                want.append(len(ids) - 1)
+                sampling.append(req)
+            if self._extra[req.request_id].num_cached is None:
+                self._extra[req.request_id].num_cached = start  # prefix-cache hits skipped these prompt tokens
+        width = max(len(t) for t in tables)
+        block_tables = torch.tensor([t + [t[0]] * (width - len(t)) for t in tables], dtype=torch.long)
+        dev = self.device
+        meta = PagedMetadata(torch.tensor(slots, dtype=torch.long, device=dev), block_tables.to(dev), qlens, lens)
+        sampled: dict[str, int | None] = {req.request_id: None for req, _ in scheduled}
+        if want:
+            logits = self.model.forward_paged(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta,
+                                              self.kv_caches, torch.tensor(want, device=dev))  # (M, V)
+            tokens, logprobs = self._sample(logits, sampling)
+            for req, tok, lp in zip(sampling, tokens, logprobs):
+                sampled[req.request_id] = tok
+                if lp is not None:
+                    self._extra[req.request_id].pending_logprobs.append(lp)
+        else:  # prefill chunks only: compute the KV, no logits needed
+            self.model.forward_paged(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta,
+                                     self.kv_caches, torch.empty(0, dtype=torch.long, device=dev))
+        self.scheduler.update(sched, sampled)
+        return self._outputs(scheduled)
+
+    def _outputs(self, scheduled) -> list[RequestOutput]:
+        outs = []
+        for req, _ in scheduled:
+            extra = self._extra.get(req.request_id)
+            if extra is None:
+                continue
+            new = req.output_ids[extra.sent :]
+            finished = req.finish_reason is not None
+            if not new and not finished:
+                continue
+            extra.sent = len(req.output_ids)
+            lps = extra.pending_logprobs if extra.logprobs is not None else None
+            extra.pending_logprobs = []
+            outs.append(RequestOutput(req.request_id, list(new), lps, None, finished, req.finish_reason,
+                                      len(req.prompt_ids), extra.num_cached or 0))
+            if finished:
+                self._requests.pop(req.request_id, None)
+                self._extra.pop(req.request_id, None)
+        return outs
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[dict | None]]:
+        """Per-row sampling of (M, V) logits; returns the tokens and, where asked, their log-probabilities."""
+        M, V = logits.shape
+        logits = logits.float()
+        if self.vocab_limit < V:
+            logits[:, self.vocab_limit :] = -math.inf
+        if len(self._unused):
+            logits.index_fill_(1, self._unused, -math.inf)
+        raw_logprobs = torch.log_softmax(logits, -1)  # what `logprobs` reports: the model's distribution
+        params = [self._extra[r.request_id].params for r in reqs]
+        dev = logits.device
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]  # (M, 1)
+        if (penalty != 1).any():
+            seen = torch.zeros(M, V, dtype=torch.bool, device=dev)
+            for i, r in enumerate(reqs):
+                seen[i, torch.tensor(r.all_ids, device=dev)] = True
+            logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+        temp = torch.tensor([p.temperature for p in params], device=dev)[:, None]  # (M, 1)
+        greedy = (temp == 0).squeeze(1)
+        scaled = logits / torch.where(temp == 0, 1.0, temp)
+        sorted_logits, order = scaled.sort(-1, descending=True)  # (M, V)
+        ranks = torch.arange(V, device=dev)[None, :]
+        top_k = torch.tensor([p.top_k or V for p in params], device=dev)[:, None]
+        drop = ranks >= top_k
+        probs = torch.softmax(sorted_logits.masked_fill(drop, -math.inf), -1)
+        top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
+        drop |= (probs.cumsum(-1) - probs) >= top_p  # the smallest prefix reaching top_p; the best always kept
+        probs = torch.softmax(sorted_logits.masked_fill(drop, -math.inf), -1)
+        noise = torch.stack([torch.empty(V, device=dev).exponential_(generator=self._extra[r.request_id].generator)
+                             for r in reqs])  # (M, V): each request's own stream
+        # (a zero draw would make 0 / 0 = NaN, which argmax takes for the maximum: a dropped token could win)
+        choice = order.gather(1, (probs / noise.clamp_min(1e-30)).argmax(-1, keepdim=True)).squeeze(1)
+        tokens = torch.where(greedy, logits.argmax(-1), choice).tolist()  # the one host sync of the step
+        out_lps: list[dict | None] = []
+        for i, r in enumerate(reqs):
+            k = self._extra[r.request_id].logprobs
+            if k is None:
+                out_lps.append(None)
+                continue
+            top = raw_logprobs[i].topk(k) if k else None
+            out_lps.append({"token_id": tokens[i], "logprob": float(raw_logprobs[i, tokens[i]]),
+                            "top": list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []})
+        return tokens, out_lps
+
+
+class AsyncEngine:
+    """The engine stepped in a background thread; `generate` streams a request's outputs to asyncio code."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.max_model_len = engine.max_model_len
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="dbrx-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop:
+            with self._lock:
+                busy = self.engine.has_unfinished()
+                outputs = self.engine.step() if busy else []
+            for out in outputs:
+                target = self._queues.get(out.request_id)
+                if target is not None:
+                    loop, queue = target
+                    loop.call_soon_threadsafe(queue.put_nowait, out)
+            if not busy:
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       logprobs: int | None = None, prompt_logprobs: int | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        if prompt_logprobs is not None:
+            raise ValueError("prompt log-probabilities are not supported by this engine yet")
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = (asyncio.get_running_loop(), queue)
+        try:
+            with self._lock:
+                self.engine.add_request(request_id, prompt_ids, params, logprobs)
+            self._wake.set()
+            while True:
+                out = await queue.get()
+                yield out
+                if out.finished:
+                    return
+        finally:  # finished, or the consumer went away (client disconnect): free its blocks at once
+            self._queues.pop(request_id, None)
+            with self._lock:
+                self.engine.abort(request_id)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return self.engine.stats()
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+
+__all__ = ["Engine", "EngineConfig", "AsyncEngine", "RequestOutput", "QueueFull"]
