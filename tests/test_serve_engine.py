@@ -144,3 +144,15 @@ def test_async_engine_streams_and_frees_an_abandoned_request(model):
         front.shutdown()
     assert got == generate_ids(model, [[5, 6, 7]], _greedy(6))[0]
     assert first.new_token_ids and not engine.has_unfinished() and engine.pool.usage == 0.0
+
+
+def test_stop_ids_end_a_request_without_being_output(model):
+    p = _prompts(1, seed=8)[0]
+    free = generate_ids(model, [p], _greedy(12))[0]
+    stop = free[4]
+    params = SamplingParams(temperature=0, max_new_tokens=12, stop_ids=(stop,))
+    engine = Engine(model, EngineConfig(block_size=4, num_blocks=100))
+    engine.add_request("s", p, params)
+    outs, reasons = _run(engine)
+    assert outs["s"] == generate_ids(model, [p], params)[0] == free[: free.index(stop)]
+    assert reasons["s"][0] == "stop"

@@ -203,6 +203,9 @@ class Engine:
             extra.sent = len(req.output_ids)
             lps = extra.pending_logprobs if extra.logprobs is not None else None
             extra.pending_logprobs = []
+            if req.finish_reason == "stop" and new and new[-1] in extra.params.stop_ids:
+                new = new[:-1]  # the stop id ends the request but is not part of its output (as in dbrx.generate)
+                lps = lps[:-1] if lps else lps
             outs.append(RequestOutput(req.request_id, list(new), lps, None, finished, req.finish_reason,
                                       len(req.prompt_ids), extra.num_cached or 0))
             if finished:
