@@ -213,14 +213,34 @@ class Engine:
                 self._extra.pop(req.request_id, None)
         return outs
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[dict | None]]:
-        """Per-row sampling of (M, V) logits; returns the tokens and, where asked, their log-probabilities."""
-        M, V = logits.shape
+    def _mask_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """fp32 logits with the padding rows of the head and the ids that are no token at -inf."""
         logits = logits.float()
-        if self.vocab_limit < V:
+        if self.vocab_limit < logits.shape[-1]:
             logits[:, self.vocab_limit :] = -math.inf
         if len(self._unused):
             logits.index_fill_(1, self._unused, -math.inf)
+        return logits
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompt_ids: Sequence[int], top: int) -> list[dict | None]:
+        """Log-probability of each prompt token given the ones before it (None for the first), with the `top` most
+        likely alternatives: one dense forward of the prompt (what log-likelihood scoring needs)."""
+        ids = list(prompt_ids)
+        if not ids or len(ids) > self.max_model_len:
+            raise ValueError(f"the prompt must have 1 to {self.max_model_len} tokens, got {len(ids)}")
+        lp = torch.log_softmax(self._mask_vocab(self.model(torch.tensor([ids], device=self.device))[0]), -1)
+        out: list[dict | None] = [None]
+        for t in range(1, len(ids)):
+            k = lp[t - 1].topk(top) if top else None
+            out.append({"token_id": ids[t], "logprob": float(lp[t - 1, ids[t]]),
+                        "top": list(zip(k.indices.tolist(), k.values.tolist())) if k is not None else []})
+        return out
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[dict | None]]:
+        """Per-row sampling of (M, V) logits; returns the tokens and, where asked, their log-probabilities."""
+        M, V = logits.shape
+        logits = self._mask_vocab(logits)
         raw_logprobs = torch.log_softmax(logits, -1)  # what `logprobs` reports: the model's distribution
         params = [self._extra[r.request_id].params for r in reqs]
         dev = logits.device
@@ -288,16 +308,18 @@ class AsyncEngine:
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        logprobs: int | None = None, prompt_logprobs: int | None = None
                        ) -> AsyncIterator[RequestOutput]:
-        if prompt_logprobs is not None:
-            raise ValueError("prompt log-probabilities are not supported by this engine yet")
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = (asyncio.get_running_loop(), queue)
         try:
             with self._lock:
+                prompt_lps = (self.engine.prompt_logprobs(prompt_ids, prompt_logprobs)
+                              if prompt_logprobs is not None else None)
                 self.engine.add_request(request_id, prompt_ids, params, logprobs)
             self._wake.set()
             while True:
                 out = await queue.get()
+                if prompt_lps is not None:  # once, with the first output
+                    out.prompt_logprobs, prompt_lps = prompt_lps, None
                 yield out
                 if out.finished:
                     return
