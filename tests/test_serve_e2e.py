@@ -127,3 +127,39 @@ def test_chat_stream_and_the_chat_page(served):
     assert isinstance(text, str)
     page = httpx.get(f"{url}/", timeout=10)
     assert page.status_code == 200 and "/v1/chat/completions" in page.text and "<textarea" in page.text
+
+
+def test_the_chat_page_streams_an_answer_in_a_real_browser(served):
+    """Headless Chromium (Debian's, driven by Selenium) types a message; the streamed answer appears."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _, url, _ = served
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        driver.get(f"{url}/")
+        driver.find_element(By.ID, "max_tokens").clear()
+        driver.find_element(By.ID, "max_tokens").send_keys("12")
+        driver.find_element(By.ID, "input").send_keys("Hello there")
+        driver.find_element(By.ID, "send").click()
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.user"))
+        assert driver.find_element(By.CSS_SELECTOR, ".msg.user").text == "Hello there"
+        # the answer bubble fills as chunks arrive, and the send button comes back when the stream has ended
+        wait.until(lambda d: d.find_element(By.ID, "send").is_enabled()
+                   and d.find_element(By.CSS_SELECTOR, ".msg.assistant, .msg.error").text)
+        assert not driver.find_elements(By.CSS_SELECTOR, ".msg.error"), driver.find_element(
+            By.CSS_SELECTOR, ".msg.error").text
+        assert driver.find_element(By.CSS_SELECTOR, ".msg.assistant").text.strip()
+    finally:
+        driver.quit()
