@@ -7,7 +7,8 @@ cycle):
     kernels/, moe, model                 the single-device model
     hf_checkpoint                        Hugging Face checkpoints (weights I/O), the transformers adapter
     tokenizer, generate                  cl100k + DBRX specials, chat template, sampling and decoding
-    parallel/                            activation checkpointing, compile, FSDP: applied from outside
+    parallel/                            activation checkpointing, compile, FSDP, sharded init: from outside
+    serve/                               the serving engine (paged KV, scheduler) and the OpenAI-compatible API
     train/                               data, trainer, training-state checkpoints, metrics
     bench, memory                        benchmarks and memory estimates
     cli/                                 the `dbrx` command (nothing imports it)

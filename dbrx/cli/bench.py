@@ -1,22 +1,25 @@
-"""The `bench` verb: throughput, TFLOP/s, MFU and peak memory as JSON (dbrx.bench)."""
+"""The `bench` verb and its sub-verbs: `train` and `prefill` (throughput, TFLOP/s, MFU and peak memory as JSON,
+dbrx.bench) and `serve` (an OpenAI-compatible server under load: TTFT, TPOT, ITL, throughput; dbrx.serve.loadgen)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 
 from dbrx.bench import __doc__ as bench_doc
 from dbrx.bench import run_bench
 
 from .common import parse_override_args
 
+SERVE_DOC = """Send seeded random prompts (token ids) to an OpenAI-compatible /v1/completions, streamed, and report
+vLLM's serving-benchmark metrics: TTFT, TPOT, ITL and end-to-end latency (mean, median, p99 in ms), request,
+output and total token throughput. Give --url of a running server, or --model DIR to start `dbrx serve` on a free
+127.0.0.1 port for the run. The table goes to stderr; --json prints the report as one JSON object on stdout."""
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "bench", help="measure training or prefill throughput (tokens/s, TFLOP/s, MFU, memory) as JSON",
-        description=bench_doc, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("kind", choices=("train", "prefill"), help="a training step (fwd + bwd) or a prefill forward")
+
+def _add_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="dbrx-tiny", help="preset name (default dbrx-tiny)")
     p.add_argument("--override", action="append", metavar="KEY=VALUE", help="config override, e.g. n_layers=2")
     p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
@@ -36,7 +39,37 @@ def register(subparsers) -> None:
     p.add_argument("--estimate-memory", action="store_true",
                    help="run nothing: trace the eager step on fake tensors and print its estimated peak memory "
                         "(any size, on any machine, in seconds)")
-    p.set_defaults(func=run)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="measure training, prefill or serving throughput and latency as JSON",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="kind", metavar="KIND", required=True, parser_class=type(p))
+    for kind, what in (("train", "a training step (fwd + bwd)"), ("prefill", "a prefill forward")):
+        q = sub.add_parser(kind, help=f"tokens/s, TFLOP/s, MFU and peak memory of {what}", description=bench_doc,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_step_args(q)
+        q.set_defaults(func=run)
+
+    q = sub.add_parser("serve", help="an OpenAI-compatible server under load: TTFT, TPOT, ITL, throughput",
+                       description=SERVE_DOC)
+    where = q.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
+    where.add_argument("--model", help="checkpoint directory: start `dbrx serve` on 127.0.0.1 for the run")
+    q.add_argument("--server-args", default="", metavar="ARGS",
+                   help="more `dbrx serve` arguments with --model, e.g. \"--max-num-seqs 64 --dtype bf16\"")
+    q.add_argument("--num-prompts", type=int, default=64, help="requests to send (default 64)")
+    q.add_argument("--request-rate", default="inf", help="requests/s, Poisson arrivals; inf: all at once (default)")
+    q.add_argument("--max-concurrency", type=int, default=32, help="requests in flight at most (default 32)")
+    q.add_argument("--input-len", default="32:512", help="prompt tokens: N, or LO:HI drawn uniformly (default 32:512)")
+    q.add_argument("--output-len", default="16:256", help="max_tokens: N, or LO:HI drawn uniformly (default 16:256)")
+    q.add_argument("--seed", type=int, default=0, help="seed of prompts, lengths and arrivals (default 0)")
+    q.add_argument("--api-key", default=None, help="sent as `Authorization: Bearer KEY`")
+    q.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per request (default 600)")
+    q.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
+    q.set_defaults(func=run_serve)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,3 +81,31 @@ def run(args: argparse.Namespace) -> int:
     )
     print(json.dumps(report), flush=True)
     return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from dbrx.serve import loadgen
+
+    rate = loadgen.parse_rate(args.request_rate)
+    if args.max_concurrency < 1:
+        raise ValueError(f"--max-concurrency must be a positive integer, got {args.max_concurrency}")
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout must be positive, got {args.timeout}")
+    requests = loadgen.make_requests(args.num_prompts, loadgen.parse_length(args.input_len, "--input-len"),
+                                     loadgen.parse_length(args.output_len, "--output-len"), seed=args.seed)
+    kw = dict(max_concurrency=args.max_concurrency, request_rate=rate, seed=args.seed, api_key=args.api_key,
+              timeout_s=args.timeout)
+    if args.model is not None:
+        with loadgen.local_server(args.model, shlex.split(args.server_args)) as url:
+            print(f"dbrx bench serve: started dbrx serve at {url}; {len(requests)} requests ...", file=sys.stderr,
+                  flush=True)
+            report = loadgen.run_load(url, requests, **kw)
+        report["model"] = args.model
+    else:
+        if args.server_args:
+            raise ValueError("--server-args needs --model (the server is started here only with --model)")
+        report = loadgen.run_load(args.url, requests, **kw)
+    print(loadgen.format_table(report), file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps(report), flush=True)
+    return 0 if report["completed"] else 1
