@@ -8,7 +8,8 @@ The engine owns the memory: per layer a key and a value cache of shape (NB, BS, 
 lives in slot `block_table[t // BS] * BS + t % BS`. Each step the model writes the new tokens' keys and values at
 `slot_mapping` and attends, for each sequence, from its new tokens (the last `query_len` positions of its context)
 to its whole context, causally. `BACKENDS` maps a name to the attention function; `BACKEND` picks one (set from
-outside, e.g. by the engine): `reference` is the exact one (any device). Imports: torch only.
+outside, e.g. by the engine): `reference` (one SDPA per sequence) and `padded` (one SDPA for the batch, the
+default), both exact and on any device; a fused paged kernel for CUDA is future work. Imports: torch only.
 """
 
 from __future__ import annotations
@@ -58,8 +59,32 @@ def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out
 
 
-BACKENDS = {"reference": reference_attention}
-BACKEND = "reference"
+def padded_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedMetadata,
+                     gqa: bool) -> torch.Tensor:
+    """The same as `reference_attention` in one SDPA call: sequences padded to the longest query and context.
+
+    Q (S, H, maxq, hd), K/V gathered through the block tables (S, kvH, maxL, hd), a causal mask per sequence;
+    keys past a sequence's context (other sequences' blocks, unwritten slots) are masked out."""
+    S, BS = len(meta.query_lens), k_cache.shape[1]
+    dev = q.device
+    qlens = torch.tensor(meta.query_lens, device=dev)
+    lens = torch.tensor(meta.seq_lens, device=dev)
+    maxq, maxL = max(meta.query_lens), max(meta.seq_lens)
+    tables = meta.block_tables[:, : -(-maxL // BS)]  # (S, nb)
+    k = k_cache[tables].flatten(1, 2)[:, :maxL].transpose(1, 2).to(q.dtype)  # (S, kvH, maxL, hd)
+    v = v_cache[tables].flatten(1, 2)[:, :maxL].transpose(1, 2).to(q.dtype)
+    seq = torch.repeat_interleave(torch.arange(S, device=dev), qlens)  # (N,) each token's sequence
+    off = torch.arange(q.shape[0], device=dev) - (torch.cumsum(qlens, 0) - qlens)[seq]  # (N,) its place in it
+    qp = q.new_zeros(S, maxq, *q.shape[1:])  # (S, maxq, H, hd)
+    qp[seq, off] = q
+    qpos = (lens - qlens)[:, None] + torch.arange(maxq, device=dev)[None]  # (S, maxq) positions in the sequence
+    allowed = torch.arange(maxL, device=dev)[None, None] <= qpos[:, :, None]  # (S, maxq, maxL)
+    y = F.scaled_dot_product_attention(qp.transpose(1, 2), k, v, attn_mask=allowed[:, None], enable_gqa=gqa)
+    return y.transpose(1, 2)[seq, off]  # (N, H, hd)
+
+
+BACKENDS = {"reference": reference_attention, "padded": padded_attention}
+BACKEND = "padded"  # one SDPA call for the whole batch; "reference" loops over the sequences
 
 
 def paged_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -69,4 +94,4 @@ def paged_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: tor
     return BACKENDS[BACKEND](q, k_cache, v_cache, meta, gqa)
 
 
-__all__ = ["PagedMetadata", "write_kv", "reference_attention", "paged_attend", "BACKENDS"]
+__all__ = ["PagedMetadata", "write_kv", "reference_attention", "padded_attention", "paged_attend", "BACKENDS"]

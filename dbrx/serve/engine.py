@@ -238,41 +238,46 @@ class Engine:
         return out
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[dict | None]]:
-        """Per-row sampling of (M, V) logits; returns the tokens and, where asked, their log-probabilities."""
+        """Per-row sampling of (M, V) logits; returns the tokens and, where asked, their log-probabilities.
+
+        Greedy rows take the argmax (no sort, no random draw). A sampled row works on its own candidates only (its
+        top-k, or the sorted vocabulary when it asks for top-p, else the whole distribution), with random draws
+        from its own generator, so what it draws never depends on the other rows."""
         M, V = logits.shape
         logits = self._mask_vocab(logits)
-        raw_logprobs = torch.log_softmax(logits, -1)  # what `logprobs` reports: the model's distribution
-        params = [self._extra[r.request_id].params for r in reqs]
-        dev = logits.device
-        penalty = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]  # (M, 1)
-        if (penalty != 1).any():
-            seen = torch.zeros(M, V, dtype=torch.bool, device=dev)
-            for i, r in enumerate(reqs):
-                seen[i, torch.tensor(r.all_ids, device=dev)] = True
-            logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
-        temp = torch.tensor([p.temperature for p in params], device=dev)[:, None]  # (M, 1)
-        greedy = (temp == 0).squeeze(1)
-        scaled = logits / torch.where(temp == 0, 1.0, temp)
-        sorted_logits, order = scaled.sort(-1, descending=True)  # (M, V)
-        ranks = torch.arange(V, device=dev)[None, :]
-        top_k = torch.tensor([p.top_k or V for p in params], device=dev)[:, None]
-        drop = ranks >= top_k
-        probs = torch.softmax(sorted_logits.masked_fill(drop, -math.inf), -1)
-        top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
-        drop |= (probs.cumsum(-1) - probs) >= top_p  # the smallest prefix reaching top_p; the best always kept
-        probs = torch.softmax(sorted_logits.masked_fill(drop, -math.inf), -1)
-        noise = torch.stack([torch.empty(V, device=dev).exponential_(generator=self._extra[r.request_id].generator)
-                             for r in reqs])  # (M, V): each request's own stream
-        # (a zero draw would make 0 / 0 = NaN, which argmax takes for the maximum: a dropped token could win)
-        choice = order.gather(1, (probs / noise.clamp_min(1e-30)).argmax(-1, keepdim=True)).squeeze(1)
-        tokens = torch.where(greedy, logits.argmax(-1), choice).tolist()  # the one host sync of the step
+        extras = [self._extra[r.request_id] for r in reqs]
+        raw_logprobs = torch.log_softmax(logits, -1) if any(e.logprobs is not None for e in extras) else None
+        for i, (r, e) in enumerate(zip(reqs, extras)):
+            if e.params.repetition_penalty != 1.0:  # transformers' rule on the ids seen so far (prompt included)
+                seen = torch.tensor(sorted(set(r.all_ids)), device=logits.device)
+                row = logits[i, seen]
+                pen = e.params.repetition_penalty
+                logits[i, seen] = torch.where(row > 0, row / pen, row * pen)
+        tokens = logits.argmax(-1)  # (M,): the greedy choice of every row
+        for i, e in enumerate(extras):
+            p = e.params
+            if p.temperature == 0:
+                continue
+            row = logits[i] / p.temperature  # (V,)
+            if p.top_k is not None and p.top_k < V:
+                row, idx = row.topk(p.top_k)  # sorted, descending
+            elif p.top_p < 1.0:
+                row, idx = row.sort(descending=True)
+            else:
+                idx = None
+            probs = torch.softmax(row, -1)
+            if p.top_p < 1.0:  # the smallest prefix reaching top_p; the best token always kept
+                probs = probs.masked_fill((probs.cumsum(-1) - probs) >= p.top_p, 0.0)
+            noise = torch.empty_like(probs).exponential_(generator=e.generator).clamp_min_(1e-30)
+            pick = (probs / noise).argmax()  # the exponential race: a draw from probs (a zero draw cannot win)
+            tokens[i] = pick if idx is None else idx[pick]
+        tokens = tokens.tolist()  # the one host sync of the step
         out_lps: list[dict | None] = []
-        for i, r in enumerate(reqs):
-            k = self._extra[r.request_id].logprobs
-            if k is None:
+        for i, e in enumerate(extras):
+            if e.logprobs is None:
                 out_lps.append(None)
                 continue
-            top = raw_logprobs[i].topk(k) if k else None
+            top = raw_logprobs[i].topk(e.logprobs) if e.logprobs else None
             out_lps.append({"token_id": tokens[i], "logprob": float(raw_logprobs[i, tokens[i]]),
                             "top": list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []})
         return tokens, out_lps
