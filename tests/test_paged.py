@@ -55,20 +55,21 @@ class Paged:
         return out
 
 
-@pytest.mark.parametrize("backend", ["reference", "padded"])
+@pytest.mark.parametrize("backend", ["reference", "padded", "mixed"])
 @pytest.mark.parametrize("overrides", [{}, {"kv_n_heads": 1, "clip_qkv": None}, {"kv_n_heads": 4}])
 def test_ragged_chunked_steps_match_the_dense_forward(overrides, backend, monkeypatch):
     monkeypatch.setattr(paged_attention, "BACKEND", backend)
     model = randomize_(DbrxForCausalLM.from_config(tiny_config(**overrides)), seed=1).eval()
     g = torch.Generator().manual_seed(2)
-    seqs = {name: torch.randint(0, 128, (n,), generator=g).tolist() for name, n in (("a", 13), ("b", 6), ("c", 9))}
+    seqs = {name: torch.randint(0, 128, (n,), generator=g).tolist() for name, n in (("a", 13), ("b", 9), ("c", 9))}
     with torch.no_grad():
         dense = {name: model(torch.tensor([s]))[0] for name, s in seqs.items()}  # (T, V)
     paged = Paged(model)
     got = {name: [] for name in seqs}
-    # a chunked prefill of a, b prefilled whole, then c joins while a and b decode one token a step
-    plan = [{"a": (0, 5), "b": (0, 6)}, {"a": (5, 10), "c": (0, 3)}, {"a": (10, 11), "c": (3, 9)},
-            {"a": (11, 12)}, {"a": (12, 13)}]
+    # a chunked prefill of a, then c joins in chunks while a and b decode one token a step (decodes and a prefill
+    # chunk in one step), then decodes only
+    plan = [{"a": (0, 5), "b": (0, 6)}, {"a": (5, 10), "c": (0, 3)}, {"a": (10, 11), "b": (6, 7), "c": (3, 9)},
+            {"a": (11, 12), "b": (7, 8)}, {"a": (12, 13), "b": (8, 9)}]
     for step in plan:
         out = paged.step({name: seqs[name][a:b] for name, (a, b) in step.items()})
         for name, logits in out.items():

@@ -8,8 +8,9 @@ The engine owns the memory: per layer a key and a value cache of shape (NB, BS, 
 lives in slot `block_table[t // BS] * BS + t % BS`. Each step the model writes the new tokens' keys and values at
 `slot_mapping` and attends, for each sequence, from its new tokens (the last `query_len` positions of its context)
 to its whole context, causally. `BACKENDS` maps a name to the attention function; `BACKEND` picks one (set from
-outside, e.g. by the engine): `reference` (one SDPA per sequence) and `padded` (one SDPA for the batch, the
-default), both exact and on any device; a fused paged kernel for CUDA is future work. Imports: torch only.
+outside, e.g. by the engine): `reference` (one SDPA per sequence), `padded` (one SDPA for the batch) and
+`mixed` (the default: decodes padded together, prefill chunks one by one), all exact and on any device; a fused
+paged kernel for CUDA is future work. Imports: torch only.
 """
 
 from __future__ import annotations
@@ -83,8 +84,34 @@ def padded_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return y.transpose(1, 2)[seq, off]  # (N, H, hd)
 
 
-BACKENDS = {"reference": reference_attention, "padded": padded_attention}
-BACKEND = "padded"  # one SDPA call for the whole batch; "reference" loops over the sequences
+def mixed_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedMetadata,
+                    gqa: bool) -> torch.Tensor:
+    """Decode rows (one new token) in one padded SDPA call, prefill chunks one sequence at a time: padding a
+    512-token chunk's queries to every decode row would cost more than it saves."""
+    decode = [i for i, n in enumerate(meta.query_lens) if n == 1]
+    if len(decode) == len(meta.query_lens):
+        return padded_attention(q, k_cache, v_cache, meta, gqa)
+    if len(decode) < 2:
+        return reference_attention(q, k_cache, v_cache, meta, gqa)
+    starts = [0]
+    for n in meta.query_lens:
+        starts.append(starts[-1] + n)
+    out = torch.empty_like(q)
+    rows = torch.tensor([starts[i] for i in decode], device=q.device)  # the decode tokens' rows in the batch
+    sub = PagedMetadata(meta.slot_mapping[rows], meta.block_tables[decode], [1] * len(decode),
+                        [meta.seq_lens[i] for i in decode])
+    out[rows] = padded_attention(q[rows], k_cache, v_cache, sub, gqa)
+    for i, n in enumerate(meta.query_lens):
+        if n > 1:
+            one = PagedMetadata(meta.slot_mapping[starts[i] : starts[i + 1]], meta.block_tables[i : i + 1], [n],
+                                [meta.seq_lens[i]])
+            out[starts[i] : starts[i + 1]] = reference_attention(q[starts[i] : starts[i + 1]], k_cache, v_cache,
+                                                                 one, gqa)
+    return out
+
+
+BACKENDS = {"reference": reference_attention, "padded": padded_attention, "mixed": mixed_attention}
+BACKEND = "mixed"  # decodes batched in one SDPA call, prefill chunks per sequence
 
 
 def paged_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
