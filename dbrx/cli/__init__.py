@@ -11,7 +11,7 @@
     dbrx finetune --model DIR ...  supervised fine-tuning on chat JSONL
     dbrx plot RUN_DIR              loss and expert-load pictures of a run
     dbrx export RUN_DIR OUT        a Hugging Face checkpoint from a (sharded) training checkpoint
-    dbrx bench train|prefill       throughput, TFLOP/s, MFU, memory (optionally against transformers)
+    dbrx bench train|prefill|serve throughput, TFLOP/s, MFU, memory; serving latency and throughput
 
 Any expected failure (bad input, a missing device or file, no space left, Ctrl-C) ends in one line on stderr and
 a non-zero exit; `dbrx --debug VERB ...` shows the traceback instead. Each verb lives in a module of this package
