@@ -12,7 +12,7 @@ def cmd_serve(args) -> int:
     try:
         from dbrx.serve.api import create_app, run_server
     except ImportError as e:
-        raise ValueError(f"dbrx serve needs the serve extra: pip install 'dbrx[serve]' ({e})") from None
+        raise ValueError(f"dbrx serve needs the serve extra: pip install -e '.[serve]' ({e})") from None
     from dbrx.hf_checkpoint import parse_size
     from dbrx.serve.engine import AsyncEngine, Engine, EngineConfig
     from dbrx.tokenizer import get_tokenizer
