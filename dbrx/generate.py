@@ -135,19 +135,12 @@ def sample_next(
     generator: torch.Generator | None = None,
     seen_ids: torch.Tensor | None = None,
     vocab_limit: int | None = None,
-    check: bool = True,
 ) -> torch.Tensor:
-    """Pick the next token of each row: logits (B, V) -> ids (B,) int64. See process_logits for the steps.
-
-    `check`: a ValueError for NaN logits (a host sync; the decode loop makes its own check instead).
-    """
-    if check and bool(torch.isnan(logits).any()):
-        raise ValueError("cannot sample from NaN logits (the model's weights or activations are not finite)")
+    """Pick the next token of each row: logits (B, V) -> ids (B,) int64. See process_logits for the steps."""
     logits = process_logits(logits, params, seen_ids, vocab_limit)
     if params.greedy:
         return logits.argmax(-1)
-    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # (B, V); a NaN row is reported by the caller
-    probs[probs.sum(-1) == 0, 0] = 1.0  # a NaN row must not crash multinomial before the check reports it
+    probs = torch.softmax(logits, dim=-1)  # (B, V)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -262,16 +255,15 @@ def _decode_loop(
     step = _make_step(model, device, compile)
     slots = torch.arange(P, device=device)
     logits = model(tokens, attention_mask=slot_mask, position_ids=position_ids, cache_pos=slots)[:, -1]  # (B, V)
+    if bool(torch.isnan(logits).any()):  # once, after the prefill: NaN weights would crash the sampler's draw
+        raise ValueError("the model produced NaN logits for the prompt: its weights or activations hold non-finite "
+                         "values (check the checkpoint, or use fp32/bf16)")
     live = torch.ones(B, dtype=torch.bool, device=device)
     for t in range(params.max_new_tokens):
         if len(unused):
             logits = logits.index_fill(1, unused, -math.inf)
-        bad = torch.isnan(logits).any()  # read with live.any() below: one host sync per step, as before
-        ids = sample_next(logits, params, generator, seen, limit, check=False)  # (B,)
+        ids = sample_next(logits, params, generator, seen, limit)  # (B,)
         live = live & ~torch.isin(ids, stop_ids)
-        if bool(bad):
-            raise ValueError(f"the model produced NaN logits at generated token {t + 1}: its weights or "
-                             f"activations hold non-finite values (check the checkpoint, or use fp32/bf16)")
         yield ids, live
         if t == params.max_new_tokens - 1 or not bool(live.any()):
             return

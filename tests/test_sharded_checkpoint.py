@@ -8,8 +8,6 @@ import json
 import os
 import pickle
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from test_atomic_training import snapshot, temporaries, tiny_model
+from test_distributed import torchrun
 from test_trainer import step_records, tiny_train_config, train
 
 from dbrx.cli import main
@@ -28,17 +27,7 @@ from dbrx.train.config import TrainConfig, from_dict
 from dbrx.train.data import sha256_file
 from dbrx.train.trainer import Trainer, seed_everything
 
-ROOT = Path(__file__).resolve().parents[1]
 needs_cpu_fsdp = pytest.mark.skipif(fsdp._TORCH < (2, 7), reason="FSDP2 runs on the CPU from torch 2.7")
-
-
-def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "dbrx", *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def elastic_config(root: Path) -> TrainConfig:
