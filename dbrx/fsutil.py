@@ -62,14 +62,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(target: Path) -> None:
-    """Delete temporary directories of `target` whose writer process is gone (killed mid-write)."""
-    prefix = f".{target.name}{_TMP}"
+def remove_stale_temporaries(parent: Path, name: str | None = None) -> None:
+    """Delete the temporary directories in `parent` (of target `name` only, if given) whose writer process is gone
+    (killed mid-write)."""
     with contextlib.suppress(FileNotFoundError):
-        for p in target.parent.iterdir():
-            if not p.name.startswith(prefix):
+        for p in parent.iterdir():
+            if not is_temporary(p) or (name is not None and not p.name.startswith(f".{name}{_TMP}")):
                 continue
-            pid = p.name[len(prefix):].split("-", 1)[0]
+            pid = p.name.rsplit(_TMP, 1)[1].split("-", 1)[0]
             if pid.isdigit() and not _pid_alive(int(pid)) and p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
 
@@ -119,7 +119,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} exists and is not a directory")
     target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(target)
+    remove_stale_temporaries(target.parent, target.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{_TMP}{os.getpid()}-", dir=target.parent))
     try:
         yield tmp

@@ -310,7 +310,7 @@ def save_checkpoint(
         def make_temporary() -> str | None:
             if rank != 0:
                 return None
-            _remove_stale_temporaries(root)
+            fsutil.remove_stale_temporaries(root)  # any step's, left by a killed writer, not only this step's
             # atomic_dir fsyncs every file and swaps the directory in with one rename (when `commit` closes it): an
             # existing `final` (re-saving a step after a resume) stays whole until the new one is complete
             return str(stack.enter_context(fsutil.atomic_dir(final)))
@@ -342,15 +342,6 @@ def save_checkpoint(
 
 def _describe(path: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     return {n: {"bytes": (path / n).stat().st_size, "sha256": sha256_file(path / n)} for n in names}
-
-
-def _remove_stale_temporaries(root: Path) -> None:
-    """Remove temporary directories of any step left by a killed writer (atomic_dir only clears those of the step
-    it writes, and a resumed run rarely saves that same step again)."""
-    if root.is_dir():
-        names = {p.name[1:].split(".tmp-", 1)[0] for p in root.iterdir() if fsutil.is_temporary(p)}
-        for name in names:
-            fsutil.remove_stale_temporaries(root / name)
 
 
 def _prune(root: Path, step: int, keep: int) -> None:
