@@ -105,8 +105,7 @@ class Engine:
         self.vocab_limit = min(cfg.vocab_size, REAL_VOCAB_SIZE)
         self._unused = torch.tensor([i for i in UNUSED_IDS if i < self.vocab_limit], dtype=torch.long,
                                     device=self.device)
-        self._extra: dict[str, _Extra] = {}
-        self._requests: dict[str, Request] = {}
+        self._extra: dict[str, _Extra] = {}  # the requests in flight, by id
         self._ids = itertools.count()
 
     # ---- requests ---------------------------------------------------------------------------------------------
@@ -115,7 +114,7 @@ class Engine:
         """Queue a request; ValueError when it cannot be served, QueueFull when the waiting queue is full."""
         params.validate()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self._requests:
+        if request_id in self._extra:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt = list(prompt_ids)
         bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < self.vocab_limit]
@@ -130,15 +129,12 @@ class Engine:
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
-        self._requests[request_id] = req
         self._extra[request_id] = _Extra(params, gen, logprobs)
         return request_id
 
     def abort(self, request_id: str) -> None:
-        if request_id in self._requests:
+        if self._extra.pop(request_id, None) is not None:
             self.scheduler.abort(request_id)
-            self._requests.pop(request_id)
-            self._extra.pop(request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -176,17 +172,14 @@ class Engine:
         dev = self.device
         meta = PagedMetadata(torch.tensor(slots, dtype=torch.long, device=dev), block_tables.to(dev), qlens, lens)
         sampled: dict[str, int | None] = {req.request_id: None for req, _ in scheduled}
-        if want:
-            logits = self.model.forward_paged(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta,
-                                              self.kv_caches, torch.tensor(want, device=dev))  # (M, V)
+        logits = self.model.forward_paged(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta,
+                                          self.kv_caches, torch.tensor(want, dtype=torch.long, device=dev))  # (M, V)
+        if want:  # (M = 0: prefill chunks only, the step just fills the KV cache)
             tokens, logprobs = self._sample(logits, sampling)
             for req, tok, lp in zip(sampling, tokens, logprobs):
                 sampled[req.request_id] = tok
                 if lp is not None:
                     self._extra[req.request_id].pending_logprobs.append(lp)
-        else:  # prefill chunks only: compute the KV, no logits needed
-            self.model.forward_paged(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta,
-                                     self.kv_caches, torch.empty(0, dtype=torch.long, device=dev))
         self.scheduler.update(sched, sampled)
         return self._outputs(scheduled)
 
@@ -209,7 +202,6 @@ class Engine:
             outs.append(RequestOutput(req.request_id, list(new), lps, None, finished, req.finish_reason,
                                       len(req.prompt_ids), extra.num_cached or 0))
             if finished:
-                self._requests.pop(req.request_id, None)
                 self._extra.pop(req.request_id, None)
         return outs
 
