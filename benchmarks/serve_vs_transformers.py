@@ -15,6 +15,8 @@ time from t = 0 (all requests waiting) to the first new token of its batch, take
 call. Writes one JSON object to stdout and a table to stderr.
 
     python benchmarks/serve_vs_transformers.py [--model DIR] [--sequential-requests 16]
+    python benchmarks/serve_vs_transformers.py --preset dbrx-9b --device cuda --input-len 512:512 \
+        --output-len 128:128 --sequential-requests 4      # the GPU target (benchmarks/run_gpu_serve.sh)
 """
 
 from __future__ import annotations
@@ -60,12 +62,14 @@ def run_transformers(model, requests: list[loadgen.BenchRequest], batch_size: in
             return scores
 
     ttft, n_out, n_in = [], 0, 0
+    device = next(model.parameters()).device
     start = time.perf_counter()
     for i in range(0, len(requests), batch_size):
         batch = requests[i:i + batch_size]
         width = max(len(r.prompt_ids) for r in batch)
         ids = torch.tensor([[PAD_ID] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch])
         mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch])
+        ids, mask = ids.to(device), mask.to(device)
         first = FirstToken()
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(r.max_tokens for r in batch),
@@ -82,7 +86,10 @@ def run_transformers(model, requests: list[loadgen.BenchRequest], batch_size: in
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="checkpoint directory (default: dbrx init --preset dbrx-demo)")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: dbrx init --preset PRESET)")
+    p.add_argument("--preset", default="dbrx-demo", help="the preset initialised when --model is not given")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 (default: bf16 on cuda, fp32 on the CPU)")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", default="32:512")
     p.add_argument("--output-len", default="16:256")
@@ -97,24 +104,31 @@ def main() -> int:
     import transformers
 
     from dbrx.cli import main as dbrx_main
+    from dbrx.devices import parse_dtype, resolve_device
 
+    device = resolve_device(args.device)
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = parse_dtype(dtype_name)
     tmp = tempfile.TemporaryDirectory(prefix="dbrx-serve-bench-")
     model_dir = args.model
     if model_dir is None:
-        model_dir = os.path.join(tmp.name, "dbrx-demo")
-        if dbrx_main(["init", "--preset", "dbrx-demo", "--seed", str(args.seed), model_dir]) != 0:
+        model_dir = os.path.join(tmp.name, args.preset)
+        if dbrx_main(["init", "--preset", args.preset, "--seed", str(args.seed), "--dtype", dtype_name,
+                      model_dir]) != 0:
             return 1
+    server_args = ["--device", str(device), "--dtype", dtype_name, "--max-num-seqs", str(args.max_concurrency),
+                   *shlex.split(args.server_args)]
     requests = loadgen.make_requests(args.num_prompts, loadgen.parse_length(args.input_len, "--input-len"),
                                      loadgen.parse_length(args.output_len, "--output-len"), seed=args.seed)
     wall = time.perf_counter()
 
     # (a) ours, alone on the machine: nothing else computes in this process while the server runs
-    with loadgen.local_server(model_dir, shlex.split(args.server_args)) as url:
+    with loadgen.local_server(model_dir, server_args) as url:
         print(f"(a) dbrx serve at {url}: {len(requests)} requests ...", file=sys.stderr, flush=True)
         ours = loadgen.run_load(url, requests, args.max_concurrency, float("inf"), args.seed)
 
     # (b), (c) transformers, after the server has stopped
-    model = transformers.DbrxForCausalLM.from_pretrained(model_dir).eval()
+    model = transformers.DbrxForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     warm = loadgen.make_requests(2, (8, 8), (2, 2), seed=-1)
     run_transformers(model, warm, 2)  # untimed, as the server's warm-up request
     print(f"(b) transformers, static batches of {args.max_concurrency} ...", file=sys.stderr, flush=True)
@@ -139,6 +153,9 @@ def main() -> int:
         "ratio_vs_static": ratio_static, "ratio_vs_one_at_a_time": ratio_single,
         "target_3x_static_met": ratio_static >= 3, "target_10x_one_at_a_time_met": ratio_single >= 10,
     }
+    if device.type == "cuda":
+        report["target_gpu_4x_static_met"] = ratio_static >= 4
+        report["target_gpu_tpot_p99_under_30ms_met"] = ours["tpot_ms"]["p99"] < 30
     print(f"{'':<30}{'requests':>9}{'out tokens':>11}{'seconds':>9}{'out tok/s':>11}{'TTFT mean ms':>14}"
           f"{'TTFT p99 ms':>13}", file=sys.stderr)
     for name, r in rows.items():

@@ -6,21 +6,23 @@ cycle):
     config                               the model config, presets, the override grammar, the FLOP formula
     kernels/, moe, model                 the single-device model
     hf_checkpoint                        Hugging Face checkpoints (weights I/O), the transformers adapter
-    tokenizer, generate                  cl100k + DBRX specials, chat template, sampling and decoding
+    tokenizer, sampling                  cl100k + DBRX specials, chat template; SamplingParams
     parallel/                            activation checkpointing, compile, FSDP, sharded init: from outside
     serve/                               the serving engine (paged KV, scheduler) and the OpenAI-compatible API
+    generate                             generate_ids / stream_text ...: the Python API, a client of the engine
     train/                               data, trainer, training-state checkpoints, metrics
     bench, memory                        benchmarks and memory estimates
     cli/                                 the `dbrx` command (nothing imports it)
 """
 
 from .config import PRESETS, DbrxConfig
-from .generate import SamplingParams, generate_ids, generate_text, stream_text
+from .generate import generate_ids, generate_text, stream_ids, stream_text
 from .model import DbrxForCausalLM
+from .sampling import SamplingParams
 from .tokenizer import Tokenizer, get_tokenizer
 
 __version__ = "0.1.0"
 __all__ = [
     "DbrxConfig", "PRESETS", "DbrxForCausalLM", "Tokenizer", "get_tokenizer",
-    "SamplingParams", "generate_ids", "generate_text", "stream_text", "__version__",
+    "SamplingParams", "generate_ids", "generate_text", "stream_ids", "stream_text", "__version__",
 ]

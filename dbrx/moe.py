@@ -54,10 +54,21 @@ class ExpertGLU(nn.Module):
 
 
 class Experts(nn.Module):
+    """The experts' compute over routed tokens: the seam where adapters (dbrx.lora) replace this module."""
+
     def __init__(self, cfg: DbrxConfig):
         super().__init__()
         f = cfg.ffn_config
         self.mlp = ExpertGLU(f.moe_num_experts, f.ffn_hidden_size, cfg.d_model)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, backend: str = "auto",
+                recompute: bool = False) -> torch.Tensor:
+        """x (N, D), router weights (N, K) fp32, expert ids (N, K) -> (N, D), see expert_glu."""
+        w1, v1, w2 = self.mlp.w1, self.mlp.v1, self.mlp.w2
+        if torch.is_autocast_enabled(x.device.type):  # autocast does not reach the grouped GEMMs: cast as it would
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, w1, v1, w2 = x.to(dt), w1.to(dt), v1.to(dt), w2.to(dt)
+        return expert_glu(x, weights.to(x.dtype), idx, w1, v1, w2, backend=backend, recompute=recompute)
 
 
 class MoE(nn.Module):
@@ -88,12 +99,7 @@ class MoE(nn.Module):
         logits = self.router(x_nd)  # (N, E)
         probs, weights, idx = self.route(logits)
 
-        w1, v1, w2 = self.experts.mlp.w1, self.experts.mlp.v1, self.experts.mlp.w2
-        if torch.is_autocast_enabled(x.device.type):  # autocast does not reach the grouped GEMMs: cast as it would
-            dt = torch.get_autocast_dtype(x.device.type)
-            x_nd, w1, v1, w2 = x_nd.to(dt), w1.to(dt), v1.to(dt), w2.to(dt)
-        y_nd = expert_glu(x_nd, weights.to(x_nd.dtype), idx, w1, v1, w2, backend=self.backend,
-                          recompute=recompute)  # (N, D)
+        y_nd = self.experts(x_nd, weights, idx, backend=self.backend, recompute=recompute)  # (N, D)
 
         stats = self.stats(logits, probs, idx, token_mask) if with_stats else None
         return y_nd.view(B, T, D), stats

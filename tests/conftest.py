@@ -1,17 +1,25 @@
-"""Shared test helpers: tiny configs, non-trivial random weights, and `transformers` reference models.
+"""Shared test helpers: tiny configs, non-trivial random weights, `transformers` reference models, and a random
+tiny model served by `dbrx serve`'s app (`serve_model`, the `served` fixture).
 
 The helpers are plain functions (importable as `from conftest import ...`) and also exposed as fixtures.
 """
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
-from dbrx import DbrxConfig
+from dbrx import DbrxConfig, DbrxForCausalLM
 from dbrx.hf_checkpoint import transformers_config
+
+SERVED_NAME = "tiny"  # the model name the `served` server answers to
 
 
 def tiny_config(**overrides) -> DbrxConfig:
@@ -40,6 +48,23 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torc
     return model
 
 
+@torch.no_grad()
+def reference_greedy(model: torch.nn.Module, prompt: list[int], n: int, vocab_limit: int | None = None) -> list[int]:
+    """n greedy tokens by recomputing the whole sequence every step (no KV cache, no engine): the independent
+    reference for dbrx.generate and the serving engine. Like them it never picks an id at or above vocab_limit
+    (default: min(model vocab, REAL_VOCAB_SIZE)) or one of UNUSED_IDS, and ignores stop ids."""
+    from dbrx.tokens import REAL_VOCAB_SIZE, UNUSED_IDS
+
+    limit = min(model.config.vocab_size, REAL_VOCAB_SIZE) if vocab_limit is None else vocab_limit
+    unused = [i for i in UNUSED_IDS if i < limit]
+    ids = list(prompt)
+    for _ in range(n):
+        logits = model(torch.tensor([ids]))[0, -1, :limit].clone()  # (V,) of the next token
+        logits[unused] = -float("inf")
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
 def make_hf_model(cfg: DbrxConfig, seed: int = 0, std: float = 0.05):
     """A `transformers.DbrxForCausalLM` in fp32, eval mode, with non-trivial random weights."""
     transformers = pytest.importorskip("transformers")
@@ -64,3 +89,46 @@ def hf_checkpoint(tmp_path):
         return path, save_hf_checkpoint(cfg, path, seed, std)
 
     return make
+
+
+@contextmanager
+def serve_model(model: torch.nn.Module, name: str = SERVED_NAME) -> Iterator[tuple[str, object]]:
+    """Serve `model` through the real engine and `dbrx serve`'s app (uvicorn, a free local port, a thread).
+
+    Yields (base url, the AsyncEngine); the server and the engine stop on exit.
+    """
+    pytest.importorskip("fastapi")
+    uvicorn = pytest.importorskip("uvicorn")
+    from dbrx.serve.api import create_app
+    from dbrx.serve.engine import AsyncEngine, Engine, EngineConfig
+    from dbrx.tokenizer import get_tokenizer
+
+    front = AsyncEngine(Engine(model, EngineConfig(block_size=8, num_blocks=400, max_num_seqs=32,
+                                                   max_num_batched_tokens=256)))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(create_app(front, get_tokenizer(), name), log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not srv.started:
+            assert time.monotonic() < deadline, "the server did not start within 10 s"
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", front
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        front.shutdown()
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def served():
+    """A random dbrx-tiny with the full vocabulary (text prompts tokenize), served as SERVED_NAME.
+
+    Yields (model, base url, AsyncEngine)."""
+    cfg = DbrxConfig.from_preset("dbrx-tiny", max_seq_len=256)
+    model = randomize_(DbrxForCausalLM.from_config(cfg), seed=5, std=0.08).eval()
+    with serve_model(model) as (url, front):
+        yield model, url, front

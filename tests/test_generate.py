@@ -1,23 +1,18 @@
+"""dbrx.generate, the Python API on the serving engine: greedy outputs against a recompute-everything reference,
+batch invariance, seeds, stops, the vocabulary limit, the sampler's distributions, and text streaming."""
+
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import reference_greedy
 from torch import nn
 
 from dbrx.config import DbrxConfig
-from dbrx.generate import (
-    REAL_VOCAB_SIZE,
-    UNUSED_IDS,
-    SamplingParams,
-    generate_ids,
-    generate_text,
-    process_logits,
-    sample_next,
-    stream_ids,
-    stream_pieces,
-    stream_text,
-)
+from dbrx.generate import _start, generate_ids, generate_text, stream_ids, stream_pieces, stream_text
 from dbrx.model import DbrxForCausalLM
+from dbrx.sampling import SamplingParams
+from dbrx.tokens import REAL_VOCAB_SIZE, UNUSED_IDS
 
 VOCAB = 256
 GREEDY = SamplingParams(temperature=0, max_new_tokens=10, stop_ids=())
@@ -44,46 +39,71 @@ def tokenizer():
     return get_tokenizer()
 
 
-def naive_greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
+def _engine_like(vocab_size: int) -> SimpleNamespace:
+    """The config fields the engine reads from a model (one layer, one KV head of width 1: a tiny KV pool)."""
+    return SimpleNamespace(vocab_size=vocab_size, max_seq_len=4096, n_layers=1, head_dim=1,
+                           attn_config=SimpleNamespace(kv_n_heads=1))
+
+
+class FixedLogits(nn.Module):
+    """The same next-token logits after every prefix (for tests of the sampler through the engine)."""
+
+    def __init__(self, logits: list[float]):
+        super().__init__()
+        self.logits = torch.tensor(logits)
+        self.config = _engine_like(len(logits))
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    def forward_paged(self, ids, positions, meta, kv_caches, logits_indices):
+        return self.logits.expand(len(logits_indices), -1).clone()  # (M, V)
+
+
+def _draws(logits: list[float], n_rows: int = 8, n: int = 250, **kw) -> torch.Tensor:
+    """n_rows * n sampled ids from fixed logits: every draw independent (repetition_penalty 1, no stop ids)."""
+    params = SamplingParams(max_new_tokens=n, stop_ids=(), seed=0, **kw)
+    out = generate_ids(FixedLogits(logits), [[0]] * n_rows, params)
+    assert all(len(row) == n for row in out)
+    return torch.tensor(out).flatten()
 
 
 # ---- generation with the real (tiny) model ------------------------------------------------------------------
-def test_greedy_matches_naive_loop(model):
+def test_greedy_matches_the_recompute_reference(model):
     prompt = [5, 17, 99, 3, 42]
     out = generate_ids(model, [prompt], GREEDY)[0]
-    assert out == naive_greedy(model, prompt, GREEDY.max_new_tokens)
+    assert out == reference_greedy(model, prompt, GREEDY.max_new_tokens)
     assert len(set(out)) > 1  # the model is not stuck on one token, so the comparison means something
 
 
-def test_left_padded_batch_matches_single_prompts(model):
+def test_a_batch_of_any_lengths_matches_each_prompt_alone(model):
     prompts = [[1, 2, 3], [7, 8, 9, 10, 11, 12, 13], [200], [4, 4, 4, 4, 4]]
     batch = generate_ids(model, prompts, GREEDY)
-    single = [generate_ids(model, [p], GREEDY)[0] for p in prompts]
-    assert batch == single
+    assert batch == [reference_greedy(model, p, GREEDY.max_new_tokens) for p in prompts]
     assert all(len(o) == GREEDY.max_new_tokens for o in batch)
     assert len({tuple(o) for o in batch}) == len(prompts)
 
 
-def test_sampling_seeded(model):
-    prompt = [[3, 1, 4, 1, 5]]
+def test_sampling_seeded_per_row(model):
+    prompt = [3, 1, 4, 1, 5]
     p = SamplingParams(temperature=1.0, max_new_tokens=16, stop_ids=(), seed=123)
-    a = generate_ids(model, prompt, p)
-    assert a == generate_ids(model, prompt, p)
-    others = [generate_ids(model, prompt, SamplingParams(temperature=1.0, max_new_tokens=16, stop_ids=(), seed=s))
+    a = generate_ids(model, [prompt], p)
+    assert a == generate_ids(model, [prompt], p)
+    others = [generate_ids(model, [prompt], SamplingParams(temperature=1.0, max_new_tokens=16, stop_ids=(), seed=s))
               for s in (1, 2)]
     assert any(o != a for o in others)
+    # row i of a batch uses seed + i: the same tokens as that prompt alone with that seed, whatever runs beside it
+    batch = generate_ids(model, [[9, 9], prompt, prompt], SamplingParams(temperature=1.0, max_new_tokens=16,
+                                                                         stop_ids=(), seed=122))
+    assert batch[1] == a[0]  # seed 122 + 1
+    assert batch[2] == generate_ids(model, [prompt], SamplingParams(temperature=1.0, max_new_tokens=16,
+                                                                    stop_ids=(), seed=124))[0]
+    assert batch[1] != batch[2]  # the same prompt twice in a batch gets two different samples
 
 
 @pytest.mark.parametrize("kw", [dict(top_k=1), dict(top_p=1e-6), dict(top_k=5, top_p=1e-6)])
 def test_truncated_sampling_equals_greedy(model, kw):
     prompts = [[9, 8, 7], [1, 2, 3, 4, 5, 6]]
     p = SamplingParams(temperature=1.5, max_new_tokens=10, stop_ids=(), seed=0, **kw)
-    assert generate_ids(model, prompts, p) == generate_ids(model, prompts, GREEDY)
+    assert generate_ids(model, prompts, p) == [reference_greedy(model, q, 10) for q in prompts]
 
 
 def test_max_new_tokens_and_stream_ids(model):
@@ -91,11 +111,12 @@ def test_max_new_tokens_and_stream_ids(model):
     out = generate_ids(model, [[10, 20]], p)[0]
     assert len(out) == 7
     assert list(stream_ids(model, [10, 20], p)) == out
+    assert list(stream_ids(model, [10, 20], GREEDY)) == reference_greedy(model, [10, 20], GREEDY.max_new_tokens)
 
 
 def test_stop_ids_end_each_row(model):
     prompts = [[5, 17, 99, 3, 42], [60, 61]]
-    free = generate_ids(model, prompts, GREEDY)
+    free = [reference_greedy(model, q, 10) for q in prompts]
     k = next(i for i in range(2, len(free[0])) if free[0][i] not in free[0][:i])  # first occurrence at k
     stop = free[0][k]
     p = SamplingParams(temperature=0, max_new_tokens=10, stop_ids=(stop,))
@@ -107,12 +128,12 @@ def test_stop_ids_end_each_row(model):
 
 
 def test_stops_early_when_all_rows_done(model):
-    prompts = [[5, 17, 99, 3, 42]]
-    first = generate_ids(model, prompts, GREEDY)[0][0]
+    prompt = [5, 17, 99, 3, 42]
+    first = reference_greedy(model, prompt, 1)[0]
     calls = []
-    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    handle = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
     try:
-        out = generate_ids(model, prompts, SamplingParams(temperature=0, max_new_tokens=10, stop_ids=(first,)))
+        out = generate_ids(model, [prompt], SamplingParams(temperature=0, max_new_tokens=10, stop_ids=(first,)))
     finally:
         handle.remove()
     assert out == [[]]
@@ -141,20 +162,13 @@ def test_vocab_limit_never_sampled():
         generate_ids(model, [[1, 2, 3]], GREEDY, vocab_limit=0)
 
 
-def test_fixed_cache_len_reuses_cache(model):
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
-    expected = generate_ids(model, prompts, GREEDY)
-    assert generate_ids(model, prompts, GREEDY, cache_len=64) == expected
-    cache = model.transformer.blocks[0].norm_attn_norm.attn.cache
-    assert cache.k.shape[2] == 64
-    other = [[9, 9, 9, 9, 9, 9, 9], [3]]
-    out = generate_ids(model, other, GREEDY, cache_len=64)  # stale entries from the last call must not matter
-    assert model.transformer.blocks[0].norm_attn_norm.attn.cache is cache
-    assert out == generate_ids(model, other, GREEDY)
-    with pytest.raises(ValueError, match="cache_len"):
-        generate_ids(model, prompts, GREEDY, cache_len=14)
-    with pytest.raises(ValueError, match="cache_len"):
-        generate_ids(model, prompts, GREEDY, cache_len=257)
+def test_the_kv_pool_is_sized_to_the_call(model):
+    engine = _start(model, [[1] * 20, [2] * 3], SamplingParams(max_new_tokens=10), None)
+    assert engine.pool.num_blocks == 1 + 2 + 1  # the null block, ceil(30 / 16), ceil(13 / 16)
+    assert engine.scheduler.max_num_seqs == 2
+    prompts = [[i % 200 + 1] * (i % 7 + 1) for i in range(40)]  # more prompts than a server's default seats
+    assert generate_ids(model, prompts, SamplingParams(temperature=0, max_new_tokens=3, stop_ids=())) == [
+        reference_greedy(model, q, 3) for q in prompts]
 
 
 def test_too_long_raises_naming_numbers(model):
@@ -162,107 +176,91 @@ def test_too_long_raises_naming_numbers(model):
         generate_ids(model, [[1] * 250], SamplingParams(max_new_tokens=10))
 
 
-@pytest.mark.parametrize("prompts", [[], [[]], [[1, VOCAB]], [[-1]], "abc", [["a"]]])
+@pytest.mark.parametrize("prompts", [[], [[]], [[1, VOCAB]], [[-1]], "abc", [["a"]], [[1], [2, 2.5]]])
 def test_bad_prompts_raise(model, prompts):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="prompt"):
         generate_ids(model, prompts, GREEDY)
+
+
+def test_nan_logits_raise():
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight[3, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN logits"):
+        generate_ids(model, [[1, 2, 3]], SamplingParams(max_new_tokens=2))
+    assert not model.lm_head._forward_hooks  # the check removed itself
 
 
 def test_generation_restores_modes():
     model = tiny_model().train()
     it = stream_ids(model, [1, 2, 3], GREEDY)
+    assert model.training  # checked and queued, not run yet
     next(it)
-    assert not torch.is_inference_mode_enabled()  # only inside the generator's steps
+    assert not torch.is_inference_mode_enabled()  # only inside the engine's steps
     list(it)
+    assert model.training
+    it = stream_ids(model, [1, 2, 3], GREEDY)
+    next(it)
+    it.close()  # a caller that stops early (a stop string) also gets its model back in training mode
     assert model.training
 
 
-def test_compile_flag_on_cpu(model):
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
-    p = SamplingParams(temperature=0, max_new_tokens=4, stop_ids=())
-    with pytest.warns(UserWarning, match="only applies on CUDA"):
-        out = generate_ids(model, prompts, p, compile=True)
-    assert out == generate_ids(model, prompts, p)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_compile_flag_on_cuda():
-    model = tiny_model().to("cuda", torch.bfloat16)
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11]]
-    p = SamplingParams(temperature=0, max_new_tokens=12, stop_ids=())
-    eager = generate_ids(model, prompts, p)
-    assert generate_ids(model, prompts, p, compile=True) == eager
-    assert generate_ids(model, prompts, p, compile=True) == eager  # a second call replays the graphs
-
-
-# ---- sampling unit tests ------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "kw",
-    [
-        dict(temperature=-0.1), dict(temperature=float("nan")), dict(top_k=0), dict(top_k=2.5), dict(top_p=0.0),
-        dict(top_p=1.01), dict(repetition_penalty=0.0), dict(repetition_penalty=-1.0), dict(max_new_tokens=0),
-        dict(stop_ids=(-1,)), dict(stop_strings=("",)), dict(seed=1.5),
-    ],
-)
-def test_bad_params_raise(kw):
-    with pytest.raises(ValueError, match=next(iter(kw))):
-        SamplingParams(**kw)
+# ---- the sampler, through the engine ------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [
+    dict(temperature=-0.1), dict(temperature=float("nan")), dict(top_k=0), dict(top_k=2.5), dict(top_p=0.0),
+    dict(top_p=1.01), dict(repetition_penalty=0.0), dict(repetition_penalty=-1.0), dict(max_new_tokens=0),
+    dict(stop_ids=(-1,)), dict(stop_strings=("",)), dict(seed=1.5),
+])
+def test_bad_params_raise(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        SamplingParams(**bad)
 
 
 def test_stop_strings_accepts_single_string():
     assert SamplingParams(stop_strings="END").stop_strings == ("END",)
 
 
-def test_repetition_penalty_logits():
-    logits = torch.tensor([[2.0, -2.0, 1.0, -1.0], [2.0, -2.0, 1.0, -1.0]])
-    p = SamplingParams(temperature=0, repetition_penalty=2.0)
-    expected = torch.tensor([[1.0, -4.0, 1.0, -1.0], [2.0, -2.0, 0.5, -2.0]])
-    seen_ids = torch.tensor([[0, 1, 1], [2, 3, -1]])  # -1: padding, ignored
-    assert torch.equal(process_logits(logits, p, seen_ids), expected)
-    mask = torch.tensor([[True, True, False, False], [False, False, True, True]])
-    assert torch.equal(process_logits(logits, p, mask), expected)
-    assert torch.equal(process_logits(logits, SamplingParams(temperature=0, repetition_penalty=0.5), mask),
-                       torch.tensor([[4.0, -1.0, 1.0, -1.0], [2.0, -2.0, 2.0, -0.5]]))
-    assert torch.equal(sample_next(logits, p, seen_ids=seen_ids), torch.tensor([0, 0]))  # ties: first index
-    assert torch.equal(sample_next(logits[:1], p, seen_ids=seen_ids[:1]), torch.tensor([0]))
-    assert torch.equal(sample_next(torch.tensor([[2.0, 1.9]]), p, seen_ids=torch.tensor([[0]])), torch.tensor([1]))
+@pytest.mark.parametrize("logits, prompt, penalty, expected", [
+    ([2.0, 1.9, -5.0], [0], 2.0, [1]),  # a seen positive logit is divided: 2.0 -> 1.0 < 1.9
+    ([-1.0, -1.5, -5.0], [0], 2.0, [1]),  # a seen negative one is multiplied: -1.0 -> -2.0 < -1.5
+    ([1.0, 1.5, -5.0], [0], 0.5, [0]),  # a penalty below 1 favours seen tokens: 1.0 -> 2.0
+    ([2.0, 1.9, 1.8], [2], 2.0, [0, 1]),  # generated tokens count as seen too
+])
+def test_repetition_penalty_follows_transformers(logits, prompt, penalty, expected):
+    params = SamplingParams(temperature=0, max_new_tokens=len(expected), stop_ids=(), repetition_penalty=penalty)
+    assert generate_ids(FixedLogits(logits), [prompt], params)[0] == expected
 
 
 def test_temperature_scales_logits():
-    logits = torch.tensor([[2.0, -1.0, 0.5]])
-    out = process_logits(logits, SamplingParams(temperature=0.5))
-    assert torch.allclose(out, logits / 0.5)
+    logits = [0.0, torch.tensor(3.0).log().item()]  # p(1) = 0.75 at temperature 1
+    for t, p1 in [(1.0, 0.75), (0.5, 0.9), (2.0, 3**0.5 / (1 + 3**0.5))]:
+        ids = _draws(logits, temperature=t)
+        assert abs(ids.float().mean().item() - p1) < 0.04, t
 
 
 def test_top_k_samples_stay_in_top_k():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(1, 50, generator=g).expand(4000, 50)
-    top3 = set(torch.topk(logits[0], 3).indices.tolist())
-    ids = sample_next(logits, SamplingParams(temperature=3.0, top_k=3), g)
-    assert set(ids.tolist()) == top3  # all three seen in 4000 draws at high temperature, nothing else
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    top3 = set(torch.topk(logits, 3).indices.tolist())
+    ids = _draws(logits.tolist(), temperature=3.0, top_k=3)
+    assert set(ids.tolist()) == top3  # all three seen in 2000 draws at high temperature, nothing else
 
 
 def test_top_p_keeps_smallest_nucleus():
-    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    kept = lambda top_p: torch.isfinite(process_logits(logits, SamplingParams(top_p=top_p)))[0].tolist()  # noqa: E731
-    assert kept(0.45) == [True, False, False, False]
-    assert kept(0.75) == [True, True, False, False]
-    assert kept(0.85) == [True, True, True, False]
-    assert kept(1.0) == [True, True, True, True]
-    g = torch.Generator().manual_seed(0)
-    ids = sample_next(logits.expand(3000, 4), SamplingParams(top_p=0.75), g)
-    counts = torch.bincount(ids, minlength=4).tolist()
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().tolist()
+    assert set(_draws(logits, n_rows=2, n=100, temperature=1.0, top_p=0.45).tolist()) == {0}
+    counts = torch.bincount(_draws(logits, n_rows=12, temperature=1.0, top_p=0.75), minlength=4).tolist()
     assert counts[2] == counts[3] == 0
     assert abs(counts[0] / 3000 - 0.625) < 0.05  # renormalised 0.5 / 0.8
+    assert set(_draws(logits, n_rows=4, temperature=1.0, top_p=0.85).tolist()) == {0, 1, 2}
 
 
-def test_sample_next_respects_vocab_limit():
-    logits = torch.zeros(2000, 10)
-    logits[:, 8:] = 100.0
-    g = torch.Generator().manual_seed(0)
-    assert int(sample_next(logits, SamplingParams(temperature=1.0), g, vocab_limit=8).max()) < 8
-    assert int(sample_next(logits, SamplingParams(temperature=0), vocab_limit=5).max()) < 5
+def test_vocab_limit_of_the_sampler():
+    logits = [0.0] * 8 + [100.0, 100.0]
+    assert int(_draws(logits, n_rows=2, n=100, temperature=1.0).min()) >= 8  # (the test means something)
+    params = SamplingParams(temperature=1.0, max_new_tokens=200, stop_ids=(), seed=0)
+    assert max(generate_ids(FixedLogits(logits), [[0]], params, vocab_limit=8)[0]) < 8
+    greedy = SamplingParams(temperature=0, max_new_tokens=3, stop_ids=())
+    assert max(generate_ids(FixedLogits(logits), [[0]], greedy, vocab_limit=5)[0]) < 5
 
 
 # ---- text streaming -----------------------------------------------------------------------------------------
@@ -312,24 +310,24 @@ def test_stream_pieces_releases_false_alarm(tokenizer):
 
 
 class ScriptedModel(nn.Module):
-    """Predicts script[k] at generation step k, whatever the input (for text-level tests)."""
+    """Predicts script[k] at generation step k of its (one) request, whatever the input (for text-level tests)."""
 
     def __init__(self, script: list[int], vocab_size: int = 100352):
         super().__init__()
-        self.config = SimpleNamespace(vocab_size=vocab_size, max_seq_len=4096)
+        self.config = _engine_like(vocab_size)
         self.anchor = nn.Parameter(torch.zeros(1))
         self.script = script
-        self.prompts: list[torch.Tensor] = []
+        self.prompts: list[list[int]] = []  # the ids of each request's first step (its whole prompt, here)
+        self.steps = 0  # logits computed for the latest request
 
-    def setup_cache(self, batch, max_len, dtype=None, device=None):
-        self.step = 0
-
-    def forward(self, ids, attention_mask=None, position_ids=None, cache_pos=None):
-        if self.step == 0:
-            self.prompts.append(ids.clone())
-        logits = torch.zeros(ids.shape[0], ids.shape[1], self.config.vocab_size)
-        logits[:, -1, self.script[min(self.step, len(self.script) - 1)]] = 1.0
-        self.step += 1
+    def forward_paged(self, ids, positions, meta, kv_caches, logits_indices):
+        if int(positions[0]) == 0:  # a new request
+            self.prompts.append(ids.tolist())
+            self.steps = 0
+        logits = torch.zeros(len(logits_indices), self.config.vocab_size)  # (M, V)
+        if len(logits_indices):
+            logits[:, self.script[min(self.steps, len(self.script) - 1)]] = 1.0
+            self.steps += 1
         return logits
 
 
@@ -338,8 +336,8 @@ def test_stream_text_stop_string_and_stop_id(tokenizer):
     model = ScriptedModel(script)
     p = SamplingParams(temperature=0, max_new_tokens=50, stop_strings=("<STOP>",))
     assert generate_text(model, tokenizer, "Say hi", p) == "Hello 🙂 world"
-    assert model.prompts[-1][0].tolist() == tokenizer.encode("Say hi")
-    assert model.step < len(script)  # generation ended at the stop string
+    assert model.prompts[-1] == tokenizer.encode("Say hi")
+    assert model.steps < len(script)  # generation ended at the stop string
     pieces = list(stream_text(model, tokenizer, "Say hi", SamplingParams(temperature=0, max_new_tokens=50)))
     assert "".join(pieces) == "Hello 🙂 world<STOP>ignored"  # ends on <|im_end|>, which is not emitted
     assert all("\ufffd" not in piece for piece in pieces)
@@ -350,9 +348,9 @@ def test_generate_text_chat_and_max_tokens(tokenizer):
     messages = [{"role": "user", "content": "count"}]
     text = generate_text(model, tokenizer, messages, SamplingParams(temperature=0, max_new_tokens=3))
     assert text == tokenizer.decode(model.script[:3])
-    assert model.prompts[-1][0].tolist() == tokenizer.apply_chat_template(messages, tokenize=True)
+    assert model.prompts[-1] == tokenizer.apply_chat_template(messages, tokenize=True)
     generate_text(model, tokenizer, "count", SamplingParams(temperature=0, max_new_tokens=1), chat=True)
-    assert model.prompts[-1][0].tolist() == tokenizer.apply_chat_template(messages, tokenize=True)
+    assert model.prompts[-1] == tokenizer.apply_chat_template(messages, tokenize=True)
 
 
 def test_stream_text_never_samples_padding_rows(tokenizer):

@@ -7,9 +7,6 @@ the model's logits; the chat page is served."""
 from __future__ import annotations
 
 import math
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -20,39 +17,11 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 import torch  # noqa: E402
-import uvicorn  # noqa: E402
-from conftest import randomize_  # noqa: E402
+from conftest import SERVED_NAME as NAME  # noqa: E402  (the `served` fixture is conftest's)
 
-from dbrx import DbrxConfig, DbrxForCausalLM  # noqa: E402
 from dbrx.generate import SamplingParams, generate_ids  # noqa: E402
-from dbrx.serve.api import create_app  # noqa: E402
-from dbrx.serve.engine import AsyncEngine, Engine, EngineConfig  # noqa: E402
 from dbrx.tokenizer import get_tokenizer  # noqa: E402
 from dbrx.tokens import UNUSED_IDS  # noqa: E402
-
-NAME = "tiny"
-
-
-@pytest.fixture(scope="module")
-def served():
-    cfg = DbrxConfig.from_preset("dbrx-tiny", max_seq_len=256)  # the full vocabulary: text prompts tokenize
-    model = randomize_(DbrxForCausalLM.from_config(cfg), seed=5, std=0.08).eval()
-    front = AsyncEngine(Engine(model, EngineConfig(block_size=8, num_blocks=400, max_num_seqs=32,
-                                                   max_num_batched_tokens=256)))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(create_app(front, get_tokenizer(), NAME), log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    yield model, f"http://127.0.0.1:{sock.getsockname()[1]}", front
-    srv.should_exit = True
-    thread.join(10)
-    front.shutdown()
-    sock.close()
 
 
 def _client(url):

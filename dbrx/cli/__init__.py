@@ -11,6 +11,7 @@
     dbrx finetune --model DIR ...  supervised fine-tuning on chat JSONL
     dbrx plot RUN_DIR              loss and expert-load pictures of a run
     dbrx export RUN_DIR OUT        a Hugging Face checkpoint from a (sharded) training checkpoint
+    dbrx eval --model DIR          ICL tasks with Gauntlet scores, HumanEval, lm-evaluation-harness
     dbrx bench train|prefill|serve throughput, TFLOP/s, MFU, memory; serving latency and throughput
 
 Any expected failure (bad input, a missing device or file, no space left, Ctrl-C) ends in one line on stderr and
@@ -31,7 +32,7 @@ import torch
 from .common import Parser
 
 # verb modules, in the order `dbrx --help` lists them: each has register(subparsers)
-VERB_MODULES = ("model", "generate", "serve", "prepare", "train", "bench")
+VERB_MODULES = ("model", "generate", "serve", "prepare", "train", "eval", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

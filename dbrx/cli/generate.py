@@ -1,4 +1,4 @@
-"""Verbs that generate: `generate` and `chat`."""
+"""Verbs that generate: `generate` and `chat`, both on the serving engine through dbrx.generate.stream_text."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from .common import add_model_args, load_model
 
 
 def _sampling(args):
-    from dbrx.generate import SamplingParams
+    from dbrx.sampling import SamplingParams
 
     return SamplingParams(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

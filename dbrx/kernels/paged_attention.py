@@ -9,13 +9,16 @@ lives in slot `block_table[t // BS] * BS + t % BS`. Each step the model writes t
 `slot_mapping` and attends, for each sequence, from its new tokens (the last `query_len` positions of its context)
 to its whole context, causally. `BACKENDS` maps a name to the attention function; `BACKEND` picks one (set from
 outside, e.g. by the engine): `reference` (one SDPA per sequence), `padded` (one SDPA for the batch) and
-`mixed` (the default: decodes padded together, prefill chunks one by one), all exact and on any device; a fused
-paged kernel for CUDA is future work. Imports: torch only.
+`mixed` (decodes padded together, prefill chunks one by one), all exact and on any device, and `triton` (one fused
+kernel for the whole ragged batch, reading K/V through the block tables: dbrx.kernels.triton_paged_attention, CUDA
+or the Triton interpreter). `default_backend(device)` is the choice for a device. Imports: torch (and, lazily, the
+triton backend's module).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib.util
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +32,11 @@ class PagedMetadata:
     block_tables: torch.Tensor  # (S, max_blocks) long: each sequence's blocks (padded with any valid block id)
     query_lens: list[int]  # S new-token counts, in the order of the flattened batch (sum = N)
     seq_lens: list[int]  # S context lengths after this step (cached + new)
+    # what a backend derives from the above once per step and reuses in every layer (index tensors, masks)
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
+    # tensors a backend derives from the lists on first use, shared by all layers of the step (the triton
+    # backend's tile map: one host-to-device copy per step, not per layer)
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -60,6 +68,27 @@ def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out
 
 
+def _padded_layout(meta: PagedMetadata, BS: int, device: torch.device) -> tuple:
+    """The index tensors and mask of `padded_attention`, built once per step (they are the same in every layer)."""
+    key = ("padded", BS)
+    if key not in meta.derived:
+        S = len(meta.query_lens)
+        qlens = torch.tensor(meta.query_lens, device=device)
+        lens = torch.tensor(meta.seq_lens, device=device)
+        maxq, maxL = max(meta.query_lens), max(meta.seq_lens)
+        tables = meta.block_tables[:, : -(-maxL // BS)]  # (S, nb)
+        if maxq == 1:  # decode rows only: token i is sequence i's one query
+            seq = off = None
+            allowed = torch.arange(maxL, device=device)[None, None] < lens[:, None, None]  # (S, 1, maxL)
+        else:
+            seq = torch.repeat_interleave(torch.arange(S, device=device), qlens)  # (N,) each token's sequence
+            off = torch.arange(len(seq), device=device) - (torch.cumsum(qlens, 0) - qlens)[seq]  # (N,) its place
+            qpos = (lens - qlens)[:, None] + torch.arange(maxq, device=device)[None]  # (S, maxq) positions
+            allowed = torch.arange(maxL, device=device)[None, None] <= qpos[:, :, None]  # (S, maxq, maxL)
+        meta.derived[key] = (tables, maxq, maxL, seq, off, allowed[:, None])  # mask (S, 1, maxq, maxL)
+    return meta.derived[key]
+
+
 def padded_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedMetadata,
                      gqa: bool) -> torch.Tensor:
     """The same as `reference_attention` in one SDPA call: sequences padded to the longest query and context.
@@ -67,20 +96,15 @@ def padded_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     Q (S, H, maxq, hd), K/V gathered through the block tables (S, kvH, maxL, hd), a causal mask per sequence;
     keys past a sequence's context (other sequences' blocks, unwritten slots) are masked out."""
     S, BS = len(meta.query_lens), k_cache.shape[1]
-    dev = q.device
-    qlens = torch.tensor(meta.query_lens, device=dev)
-    lens = torch.tensor(meta.seq_lens, device=dev)
-    maxq, maxL = max(meta.query_lens), max(meta.seq_lens)
-    tables = meta.block_tables[:, : -(-maxL // BS)]  # (S, nb)
+    tables, maxq, maxL, seq, off, mask = _padded_layout(meta, BS, q.device)
     k = k_cache[tables].flatten(1, 2)[:, :maxL].transpose(1, 2).to(q.dtype)  # (S, kvH, maxL, hd)
     v = v_cache[tables].flatten(1, 2)[:, :maxL].transpose(1, 2).to(q.dtype)
-    seq = torch.repeat_interleave(torch.arange(S, device=dev), qlens)  # (N,) each token's sequence
-    off = torch.arange(q.shape[0], device=dev) - (torch.cumsum(qlens, 0) - qlens)[seq]  # (N,) its place in it
+    if seq is None:  # decode rows: (N = S, H, hd) -> (S, H, 1, hd)
+        y = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=gqa)
+        return y[:, :, 0]  # (S, H, hd)
     qp = q.new_zeros(S, maxq, *q.shape[1:])  # (S, maxq, H, hd)
     qp[seq, off] = q
-    qpos = (lens - qlens)[:, None] + torch.arange(maxq, device=dev)[None]  # (S, maxq) positions in the sequence
-    allowed = torch.arange(maxL, device=dev)[None, None] <= qpos[:, :, None]  # (S, maxq, maxL)
-    y = F.scaled_dot_product_attention(qp.transpose(1, 2), k, v, attn_mask=allowed[:, None], enable_gqa=gqa)
+    y = F.scaled_dot_product_attention(qp.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=gqa)
     return y.transpose(1, 2)[seq, off]  # (N, H, hd)
 
 
@@ -97,9 +121,11 @@ def mixed_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     for n in meta.query_lens:
         starts.append(starts[-1] + n)
     out = torch.empty_like(q)
-    rows = torch.tensor([starts[i] for i in decode], device=q.device)  # the decode tokens' rows in the batch
-    sub = PagedMetadata(meta.slot_mapping[rows], meta.block_tables[decode], [1] * len(decode),
-                        [meta.seq_lens[i] for i in decode])
+    if "mixed" not in meta.derived:  # the decode rows' own metadata, built once per step
+        rows = torch.tensor([starts[i] for i in decode], device=q.device)  # the decode tokens' rows in the batch
+        meta.derived["mixed"] = rows, PagedMetadata(meta.slot_mapping[rows], meta.block_tables[decode],
+                                                    [1] * len(decode), [meta.seq_lens[i] for i in decode])
+    rows, sub = meta.derived["mixed"]
     out[rows] = padded_attention(q[rows], k_cache, v_cache, sub, gqa)
     for i, n in enumerate(meta.query_lens):
         if n > 1:
@@ -110,8 +136,25 @@ def mixed_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
-BACKENDS = {"reference": reference_attention, "padded": padded_attention, "mixed": mixed_attention}
+def triton_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedMetadata,
+                     gqa: bool) -> torch.Tensor:
+    """The same in one Triton kernel launch (dbrx.kernels.triton_paged_attention, imported on first use so that
+    torch-only machines never import triton)."""
+    from .triton_paged_attention import paged_attention
+
+    return paged_attention(q, k_cache, v_cache, meta, gqa)
+
+
+BACKENDS = {"reference": reference_attention, "padded": padded_attention, "mixed": mixed_attention,
+            "triton": triton_attention}
 BACKEND = "mixed"  # decodes batched in one SDPA call, prefill chunks per sequence
+
+
+def default_backend(device: torch.device | str) -> str:
+    """The backend for caches on `device`: "triton" on CUDA when triton is installed, else "mixed"."""
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    return "mixed"
 
 
 def paged_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -121,4 +164,5 @@ def paged_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: tor
     return BACKENDS[BACKEND](q, k_cache, v_cache, meta, gqa)
 
 
-__all__ = ["PagedMetadata", "write_kv", "reference_attention", "padded_attention", "paged_attend", "BACKENDS"]
+__all__ = ["PagedMetadata", "write_kv", "reference_attention", "padded_attention", "triton_attention", "paged_attend",
+           "BACKENDS", "default_backend"]

@@ -1,12 +1,13 @@
 """The OpenAI-compatible HTTP server over the serving engine: /v1/completions, /v1/chat/completions, /v1/models,
-/health and Prometheus /metrics; `create_app` builds it, `run_server` serves it with uvicorn.
+vLLM's /tokenize, /detokenize and /tokenizer_info, /health and Prometheus /metrics; `create_app` builds it,
+`run_server` serves it with uvicorn.
 
 A thin layer: it validates requests (protocol.py), renders prompts with the tokenizer, hands token ids to the
 engine and turns the engine's token outputs into text. Stop strings are applied here, on the detokenized text;
 stop ids end requests in the engine. A client error is always a 4xx with OpenAI's error body, and a client that
 goes away cancels its engine requests at once (closing the engine's async iterator aborts the request).
 
-Imports: fastapi, uvicorn, prometheus_client, dbrx.generate (SamplingParams), dbrx.tokenizer, dbrx.serve.protocol.
+Imports: fastapi, uvicorn, prometheus_client, dbrx.sampling (SamplingParams), dbrx.tokenizer, dbrx.serve.protocol.
 The engine is reached only through the `Engine` protocol below, never by importing dbrx.serve.engine, so that
 tests can serve a fake one.
 """
@@ -22,7 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -35,7 +36,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from ..generate import SamplingParams
+from ..sampling import SamplingParams
 from ..tokenizer import DEFAULT_SYSTEM_PROMPT, StreamDecoder
 from .protocol import (
     ChatChoice,
@@ -50,12 +51,18 @@ from .protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorDetail,
     ErrorResponse,
     ModelCard,
     ModelList,
+    ModelRequest,
     PromptTokensDetails,
     SamplingRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -67,7 +74,7 @@ __all__ = ["APIError", "Engine", "create_app", "run_server"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-R = TypeVar("R", bound=SamplingRequest)
+R = TypeVar("R", bound=ModelRequest)
 RETRY_AFTER_S = 1  # what a 429 asks the client to wait
 
 
@@ -597,7 +604,7 @@ class _Server:
         if req.model is not None and req.model != self.model_name:
             raise APIError(404, f"model {req.model!r} not found; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
-        if req.n not in (None, 1):
+        if isinstance(req, SamplingRequest) and req.n not in (None, 1):
             raise APIError(400, "n must be 1: this server makes one choice per prompt", param="n")
         return req
 
@@ -670,6 +677,10 @@ class _Server:
                 raise APIError(400, f"prompt: {exc}", param="prompt") from None
             self._check_fit(len(prompts[-1][0]), max_tokens, "prompt")
         params = self._sampling(req, max_tokens)
+        if max_tokens <= 1:
+            # Nothing to stop early, and the one token must stay in the output even when it is a stop id: lm-eval
+            # scores a continuation (echo, logprobs, max_tokens 1) by dropping the last entry, the generated one.
+            params = replace(params, stop_ids=())
         fmt = _CompletionFormat(self.model_name, self.tokenizer, req.logprobs)
         want_prompt_logprobs = req.logprobs if req.echo else None
         jobs = [self._job(i, fmt.id, ids, params, max_tokens, req.stop, started, req.logprobs, want_prompt_logprobs,
@@ -697,6 +708,24 @@ class _Server:
         jobs = [self._job(0, fmt.id, ids, params, max_tokens, req.stop, started, top if req.logprobs else None)]
         return await self._respond(request, jobs, fmt, bool(req.stream), _include_usage(req))
 
+    async def tokenize(self, request: Request) -> Response:
+        req = await self._read(request, TokenizeRequest)
+        ids = self.tokenizer.encode(req.prompt, allow_special=True)
+        return _json(TokenizeResponse(count=len(ids), max_model_len=self.engine.max_model_len, tokens=ids))
+
+    async def detokenize(self, request: Request) -> Response:
+        req = await self._read(request, DetokenizeRequest)
+        try:
+            return _json(DetokenizeResponse(prompt=self.tokenizer.decode(req.tokens)))
+        except ValueError as exc:
+            raise APIError(400, f"tokens: {exc}", param="tokens") from None
+
+    async def tokenizer_info(self) -> Response:
+        tok = self.tokenizer
+        return _json(TokenizerInfo(tokenizer_class=type(tok).__name__, eos_token=tok.decode([tok.eos_id]),
+                                   bos_token=tok.decode([tok.bos_id]), pad_token=tok.decode([tok.pad_id]),
+                                   model_max_length=self.engine.max_model_len))
+
     async def models(self) -> Response:
         card = ModelCard(id=self.model_name, created=self.created, max_model_len=self.engine.max_model_len)
         return _json(ModelList(data=[card]))
@@ -713,7 +742,8 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | N
                max_request_bytes: int = 1 << 20) -> FastAPI:
     """The OpenAI-compatible app serving `engine` under `model_name`.
 
-    api_key: when set, /v1 requests need `Authorization: Bearer <api_key>` (/health and /metrics stay open).
+    api_key: when set, /v1 and tokenizer requests need `Authorization: Bearer <api_key>` (/health and /metrics
+    stay open).
     max_request_bytes: larger bodies get a 413 without being read.
     """
     server = _Server(engine, tokenizer, model_name, max_request_bytes)
@@ -747,6 +777,12 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | N
     v1.add_api_route("/chat/completions", server.chat, methods=["POST"])
     v1.add_api_route("/models", server.models, methods=["GET"])
     app.include_router(v1)
+    # vLLM's tokenizer endpoints, which lm-eval's `local-completions` finds and uses (tokenizer_backend "remote")
+    tokens = APIRouter(dependencies=[Depends(authorize)])
+    tokens.add_api_route("/tokenize", server.tokenize, methods=["POST"])
+    tokens.add_api_route("/detokenize", server.detokenize, methods=["POST"])
+    tokens.add_api_route("/tokenizer_info", server.tokenizer_info, methods=["GET"])
+    app.include_router(tokens)
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 

@@ -12,7 +12,7 @@ seed) through the exponential race (argmax p / E with E ~ Exp(1) is a sample fro
 gives the same tokens whatever else runs. Greedy rows take the argmax. `AsyncEngine` runs the steps in a
 background thread and streams each request's outputs to an asyncio consumer.
 
-Imports: dbrx.model (through the model object), dbrx.kernels.paged_attention, dbrx.generate (SamplingParams),
+Imports: dbrx.model (through the model object), dbrx.kernels.paged_attention, dbrx.sampling (SamplingParams),
 dbrx.tokens, dbrx.serve.blocks / scheduler.
 """
 
@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dbrx.generate import SamplingParams
 from dbrx.kernels.paged_attention import PagedMetadata
+from dbrx.sampling import SamplingParams
 from dbrx.tokens import REAL_VOCAB_SIZE, UNUSED_IDS
 
 from .blocks import BlockPool
@@ -49,6 +49,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_seq_len
     max_waiting: int = 1024  # waiting requests at most (then QueueFull)
     enable_prefix_cache: bool = True
+    vocab_limit: int | None = None  # ids at or above it are never sampled (default: min(model vocab, 100280))
 
     def validate(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting", "kv_memory_bytes"):
@@ -57,6 +58,9 @@ class EngineConfig:
                 raise ValueError(f"engine: {name} must be a positive integer, got {value!r}")
         if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks < 2):
             raise ValueError(f"engine: num_blocks must be an integer >= 2, got {self.num_blocks!r}")
+        if self.vocab_limit is not None and (isinstance(self.vocab_limit, bool) or not isinstance(self.vocab_limit, int)
+                                             or self.vocab_limit < 1):
+            raise ValueError(f"engine: vocab_limit must be None or a positive integer, got {self.vocab_limit!r}")
 
 
 @dataclass
@@ -83,6 +87,14 @@ class _Extra:
     pending_logprobs: list[dict] = field(default_factory=list)
 
 
+def _argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(M, V) -> (M,) long. On the CPU through numpy, whose argmax is several times faster than torch's there (a
+    32 x 100352 argmax: ~1.2 ms against ~8 ms on one core), the same first-maximum rule."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
+        return torch.from_numpy(logits.numpy().argmax(-1)).long()
+    return logits.argmax(-1)
+
+
 class Engine:
     """Synchronous engine: `add_request`, then `step()` until `has_unfinished()` is False."""
 
@@ -102,7 +114,7 @@ class Engine:
                            torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(cfg.n_layers)]
         self.pool = BlockPool(num_blocks, config.block_size, enable_prefix_cache=config.enable_prefix_cache)
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
-        self.vocab_limit = min(cfg.vocab_size, REAL_VOCAB_SIZE)
+        self.vocab_limit = min(cfg.vocab_size, config.vocab_limit or REAL_VOCAB_SIZE)
         self._unused = torch.tensor([i for i in UNUSED_IDS if i < self.vocab_limit], dtype=torch.long,
                                     device=self.device)
         self._extra: dict[str, _Extra] = {}  # the requests in flight, by id
@@ -245,7 +257,7 @@ class Engine:
                 row = logits[i, seen]
                 pen = e.params.repetition_penalty
                 logits[i, seen] = torch.where(row > 0, row / pen, row * pen)
-        tokens = logits.argmax(-1)  # (M,): the greedy choice of every row
+        tokens = _argmax_rows(logits)  # (M,): the greedy choice of every row
         for i, e in enumerate(extras):
             p = e.params
             if p.temperature == 0:
@@ -275,6 +287,18 @@ class Engine:
         return tokens, out_lps
 
 
+def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)
+
+
+def _merged(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """Two consecutive outputs of one request as one (what a consumer that fell behind receives)."""
+    lps = a.new_logprobs + b.new_logprobs if a.new_logprobs is not None and b.new_logprobs is not None else None
+    return RequestOutput(a.request_id, a.new_token_ids + b.new_token_ids, lps, a.prompt_logprobs, b.finished,
+                         b.finish_reason, a.num_prompt_tokens, a.num_cached_tokens)
+
+
 class AsyncEngine:
     """The engine stepped in a background thread; `generate` streams a request's outputs to asyncio code."""
 
@@ -293,11 +317,13 @@ class AsyncEngine:
             with self._lock:
                 busy = self.engine.has_unfinished()
                 outputs = self.engine.step() if busy else []
+            by_loop: dict[asyncio.AbstractEventLoop, list] = {}
             for out in outputs:
                 target = self._queues.get(out.request_id)
                 if target is not None:
-                    loop, queue = target
-                    loop.call_soon_threadsafe(queue.put_nowait, out)
+                    by_loop.setdefault(target[0], []).append((target[1], out))
+            for loop, items in by_loop.items():  # one wake-up of each event loop per step, not one per request
+                loop.call_soon_threadsafe(_deliver, items)
             if not busy:
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -315,6 +341,8 @@ class AsyncEngine:
             self._wake.set()
             while True:
                 out = await queue.get()
+                while not out.finished and not queue.empty():  # a consumer behind the engine gets one merged output
+                    out = _merged(out, queue.get_nowait())
                 if prompt_lps is not None:  # once, with the first output
                     out.prompt_logprobs, prompt_lps = prompt_lps, None
                 yield out

@@ -65,10 +65,15 @@ class StreamOptions(_Request):
     include_usage: bool | None = False
 
 
-class SamplingRequest(_Request):
-    """Fields shared by both endpoints. top_k and repetition_penalty are vLLM's extensions (-1 or 0: no top-k)."""
+class ModelRequest(_Request):
+    """A request that may name the served model (another name is a 404)."""
 
     model: str | None = None
+
+
+class SamplingRequest(ModelRequest):
+    """Fields shared by both endpoints. top_k and repetition_penalty are vLLM's extensions (-1 or 0: no top-k)."""
+
     max_tokens: int | None = Field(None, ge=0)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -108,6 +113,21 @@ class ChatCompletionRequest(SamplingRequest):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+
+class TokenizeRequest(ModelRequest):
+    """POST /tokenize (vLLM's): the token ids of `prompt`, special-token text included as the special token (as
+    Hugging Face tokenizers and vLLM do; lm-eval's remote tokenizer finds the eos id this way). DBRX's tokenizer adds
+    no bos or eos, so `add_special_tokens` changes nothing."""
+
+    prompt: str
+    add_special_tokens: bool | None = True
+
+
+class DetokenizeRequest(ModelRequest):
+    """POST /detokenize (vLLM's): the text of token ids."""
+
+    tokens: list[Annotated[int, Field(ge=0)]]
 
 
 # ---- responses ----------------------------------------------------------------------------------------------
@@ -204,6 +224,26 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    """GET /tokenizer_info (vLLM's): what lm-eval's remote tokenizer reads (the special tokens' text)."""
+
+    tokenizer_class: str
+    eos_token: str
+    bos_token: str
+    pad_token: str
+    model_max_length: int
 
 
 class ModelCard(BaseModel):

@@ -583,7 +583,8 @@ class Trainer:
         """A sample from the trained model (rank 0; call after export under FSDP)."""
         if not self.dist.is_main:
             return None
-        from dbrx.generate import SamplingParams, generate_text
+        from dbrx.generate import generate_text
+        from dbrx.sampling import SamplingParams
         from dbrx.tokenizer import get_tokenizer
 
         s = self.cfg.sample
