@@ -123,9 +123,9 @@ def test_bf16_cache_fp32_queries():
 def test_tile_map_is_built_once_per_step():
     q, k, v, meta = make_case(*CASES["mixed"][:2])
     tpa.paged_attention(q, k, v, meta, True)
-    cached = dict(meta.cache)
+    cached = dict(meta.derived)
     tpa.paged_attention(q, k, v, meta, True)
-    assert len(cached) == 1 and all(a is b for a, b in zip(cached.values(), meta.cache.values()))
+    assert len(cached) == 1 and all(a is b for a, b in zip(cached.values(), meta.derived.values()))
 
 
 @needs_triton

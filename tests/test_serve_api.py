@@ -372,6 +372,7 @@ def test_auth_model_size_and_busy_errors(server, http, engine):
     body = {"prompt": "hi", "max_tokens": 1}
     assert_error_body(httpx.post(f"{url}/v1/completions", json=body), 401)
     assert_error_body(httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer no"}), 401)
+    assert_error_body(httpx.post(f"{url}/tokenize", json={"prompt": "hi"}), 401)  # so do the tokenizer endpoints
     assert httpx.get(f"{url}/health").status_code == 200  # health and metrics need no key
     assert assert_error_body(http.post("/v1/completions", json={**body, "model": "gpt-4"}), 404)["param"] == "model"
     assert_error_body(http.get("/v1/nowhere"), 404)

@@ -24,6 +24,7 @@ httpx = pytest.importorskip("httpx")
 
 import torch  # noqa: E402
 from conftest import SERVED_NAME, randomize_, serve_model  # noqa: E402
+from lm_eval.models.openai_completions import LocalCompletionsAPI  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from lm_eval.utils import check_remote_tokenizer_support  # noqa: E402
 
@@ -102,9 +103,9 @@ def test_local_completions_through_the_server_equals_scoring_in_process(served, 
     ref = reference(model, docs)
     samples = sorted(out["samples"][TASK], key=lambda s: s["doc_id"])
     assert [s["doc_id"] for s in samples] == list(range(len(docs)))
-    for s, r in zip(samples, ref):
+    for s, r in zip(samples, ref, strict=True):
         assert [tuple(a) for a in s["arguments"]] == r["arguments"], s["doc_id"]  # the requests scored
-        for (ll, greedy), (ref_ll, ref_greedy) in zip([resp[0] for resp in s["resps"]], r["scores"]):
+        for (ll, greedy), (ref_ll, ref_greedy) in zip([resp[0] for resp in s["resps"]], r["scores"], strict=True):
             assert math.isclose(ll, ref_ll, abs_tol=1e-4), (s["doc_id"], ll, ref_ll)
             assert greedy == ref_greedy, s["doc_id"]
         assert (s["acc"], s["acc_norm"]) == (r["acc"], r["acc_norm"]), s["doc_id"]
@@ -126,17 +127,20 @@ def test_tokenizer_endpoints(served):
     assert info["eos_token"] == "<|endoftext|>" and info["pad_token"] == "<|pad|>"
     bad = httpx.post(f"{url}/detokenize", json={"tokens": [100256]}, timeout=10)  # a gap in cl100k's ids
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
-    wrong = httpx.post(f"{url}/tokenize", json={"prompt": "hi", "model": "gpt-4"}, timeout=10)
-    assert wrong.status_code == 404
+    for path, body, status in (("tokenize", {"prompt": "hi", "model": "gpt-4"}, 404), ("tokenize", {"prompt": 5}, 400),
+                               ("detokenize", {"tokens": [-1]}, 400), ("detokenize", {"tokens": "12"}, 400)):
+        response = httpx.post(f"{url}/{path}", json=body, timeout=10)
+        assert response.status_code == status and response.json()["error"]["message"], (path, body)
 
 
 @torch.no_grad()
 def test_a_stop_id_as_the_one_generated_token_keeps_its_entry():
-    """lm-eval drops the last logprobs entry as the generated token; when that token is a stop id (as after the end
-    of a text) the entry must still be there, or the continuation's last token would go unscored."""
+    """lm-eval drops the last logprobs entry as the generated token; when that token is a stop id (likely after the
+    end of a text) the entry must still be there, or the continuation's last token goes unscored."""
     cfg = DbrxConfig.from_preset("dbrx-tiny", max_seq_len=64)
     model = randomize_(DbrxForCausalLM.from_config(cfg), seed=1, std=0.08).eval()
-    ids = get_tokenizer().encode("The end.")
+    tok = get_tokenizer()
+    ids, n_ctx = tok.encode("The end."), len(tok.encode("The end"))  # scoring "." after "The end"
     hidden = {}
     hook = model.lm_head.register_forward_hook(lambda m, args, out: hidden.update(h=args[0][0, -1]))
     model(torch.tensor([ids]))
@@ -147,9 +151,10 @@ def test_a_stop_id_as_the_one_generated_token_keeps_its_entry():
 
     with serve_model(model) as (url, _):
         body = {"model": SERVED_NAME, "prompt": [ids], "max_tokens": 1, "echo": True, "logprobs": 1,
-                "temperature": 0}
-        choice = httpx.post(f"{url}/v1/completions", json=body, timeout=30).json()["choices"][0]
-    entries = choice["logprobs"]["token_logprobs"]
-    assert len(entries) == len(ids) + 1, "the generated stop id has no logprobs entry"
-    assert math.isclose(entries[-1], float(lp[-1, STOP_IDS[0]]), abs_tol=1e-4)
-    assert choice["text"] == "The end."  # a stop id is no text
+                "temperature": 0, "seed": 1234}  # lm-eval's log-likelihood request
+        out = httpx.post(f"{url}/v1/completions", json=body, timeout=30).json()
+    assert len(out["choices"][0]["logprobs"]["token_logprobs"]) == len(ids) + 1, "the stop id has no entry"
+    assert out["choices"][0]["text"] == "The end."  # a stop id is no text
+    [(loglik, _)] = LocalCompletionsAPI.parse_logprobs(outputs=out, tokens=[ids], ctxlens=[n_ctx])
+    expected = sum(float(lp[t - 1, ids[t]]) for t in range(n_ctx, len(ids)))
+    assert math.isclose(loglik, expected, abs_tol=1e-4), (loglik, expected)

@@ -22,7 +22,7 @@ def cmd_serve(args) -> int:
     config = EngineConfig(block_size=args.block_size, kv_memory_bytes=parse_size(args.kv_memory),
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           max_model_len=args.max_model_len, max_waiting=args.max_waiting,
-                          enable_prefix_cache=not args.no_prefix_cache)
+                          enable_prefix_cache=not args.no_prefix_cache, attention_backend=args.attention_backend)
     config.validate()  # before the (slow) model load
     model = load_model(args)
     engine = AsyncEngine(Engine(model, config))
@@ -56,6 +56,8 @@ def register(sub) -> None:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429 (default 256)")
+    p.add_argument("--attention-backend", default=None,
+                   help="paged attention: reference, padded, mixed or triton (default: triton on CUDA, else mixed)")
     p.add_argument("--no-prefix-cache", action="store_true", help="do not share KV blocks between prompts")
     p.set_defaults(func=cmd_serve)
 

@@ -7,11 +7,12 @@ Shape legend:
 The engine owns the memory: per layer a key and a value cache of shape (NB, BS, kvH, hd); token t of a sequence
 lives in slot `block_table[t // BS] * BS + t % BS`. Each step the model writes the new tokens' keys and values at
 `slot_mapping` and attends, for each sequence, from its new tokens (the last `query_len` positions of its context)
-to its whole context, causally. `BACKENDS` maps a name to the attention function; `BACKEND` picks one (set from
-outside, e.g. by the engine): `reference` (one SDPA per sequence), `padded` (one SDPA for the batch) and
-`mixed` (decodes padded together, prefill chunks one by one), all exact and on any device, and `triton` (one fused
-kernel for the whole ragged batch, reading K/V through the block tables: dbrx.kernels.triton_paged_attention, CUDA
-or the Triton interpreter). `default_backend(device)` is the choice for a device. Imports: torch (and, lazily, the
+to its whole context, causally. `BACKENDS` maps a name to the attention function; the metadata's `backend`
+picks one (the engine sets it; None: the module's `BACKEND`): `reference` (one SDPA per sequence), `padded` (one
+SDPA for the batch) and `mixed` (decodes padded together, prefill chunks one by one), all exact and on any device,
+and `triton` (one fused kernel for the whole ragged batch, reading K/V through the block tables:
+dbrx.kernels.triton_paged_attention, CUDA or the Triton interpreter). `default_backend(device)` is the choice for
+a device. Imports: torch (and, lazily, the
 triton backend's module).
 """
 
@@ -32,11 +33,10 @@ class PagedMetadata:
     block_tables: torch.Tensor  # (S, max_blocks) long: each sequence's blocks (padded with any valid block id)
     query_lens: list[int]  # S new-token counts, in the order of the flattened batch (sum = N)
     seq_lens: list[int]  # S context lengths after this step (cached + new)
-    # what a backend derives from the above once per step and reuses in every layer (index tensors, masks)
+    # what a backend derives from the above on first use and reuses in every layer of the step (index tensors,
+    # masks, the triton backend's tile map: one host-to-device copy per step, not per layer)
     derived: dict = field(default_factory=dict, repr=False, compare=False)
-    # tensors a backend derives from the lists on first use, shared by all layers of the step (the triton
-    # backend's tile map: one host-to-device copy per step, not per layer)
-    cache: dict = field(default_factory=dict, repr=False, compare=False)
+    backend: str | None = None  # a name in BACKENDS; None: BACKEND
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -161,7 +161,7 @@ def paged_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: tor
                  meta: PagedMetadata, gqa: bool) -> torch.Tensor:
     """Write the new k, v (N, kvH, hd) into the caches, then attend: q (N, H, hd) -> (N, H, hd)."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-    return BACKENDS[BACKEND](q, k_cache, v_cache, meta, gqa)
+    return BACKENDS[meta.backend or BACKEND](q, k_cache, v_cache, meta, gqa)
 
 
 __all__ = ["PagedMetadata", "write_kv", "reference_attention", "padded_attention", "triton_attention", "paged_attend",

@@ -11,7 +11,7 @@ loads its KV head once for the whole group (GQA without repeating K/V), walks th
 through the block table (any BS: each key's slot is looked up, so a key tile may span blocks), applies the causal
 mask (key j is seen by the row at position p iff j <= p, p = L - n + token) and keeps an online softmax in fp32. The
 grid is exactly the tiles of the batch: a tile map (tile -> sequence, tile index in it) is built on the host from
-the metadata's lists, once per step for all layers (cached in `PagedMetadata.cache`), with one host-to-device copy.
+the metadata's lists, once per step for all layers (cached in `PagedMetadata.derived`), with one host-to-device copy.
 
 Caches may be fp32, bf16 or fp16 (loaded and cast to q's dtype, as the reference does); products accumulate in
 fp32, and fp32 inputs multiply in IEEE fp32 (no TF32). On the CPU the kernel runs under the Triton interpreter
@@ -70,11 +70,12 @@ def _paged_attention_kernel(
     q0 = tl.load(q_start_ptr + seq)  # the sequence's first row in the flattened batch
     n = tl.load(q_start_ptr + seq + 1) - q0
     L = tl.load(seq_len_ptr + seq)
-    rows = tl.load(tile_idx_ptr + tile) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) rows of this sequence
+    row0 = tl.load(tile_idx_ptr + tile) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)  # (BLOCK_M,) rows of this sequence
     tok = rows // G  # (BLOCK_M,) new token of the sequence
-    head = kvh * G + rows % G  # (BLOCK_M,) query head
+    head = (kvh * G + rows % G).to(tl.int64)  # (BLOCK_M,) query head
     row_ok = tok < n
-    pos = L - n + tok + 1  # (BLOCK_M,) position in the sequence (rows past n get positions >= L: computed, not stored)
+    pos = L - n + tok  # (BLOCK_M,) position in the sequence (rows past n get positions >= L: computed, not stored)
     ds = tl.arange(0, BLOCK_D)
     d_ok = ds < HD
     q_off = (q0 + tok).to(tl.int64)[:, None] * s_qn + head[:, None] * s_qh + ds[None, :]
@@ -83,14 +84,14 @@ def _paged_attention_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     # keys 0 .. kv_end-1 are all that any row of the tile sees (the last row's position, at most L - 1)
-    kv_end = tl.minimum(L, L - n + (tl.load(tile_idx_ptr + tile) * BLOCK_M + BLOCK_M - 1) // G + 1)
+    kv_end = tl.minimum(L, L - n + (row0 + BLOCK_M - 1) // G + 1)
     table = tables_ptr + seq.to(tl.int64) * s_ts
     for j0 in range(0, kv_end, BLOCK_N):
         js = j0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions
         j_ok = js < kv_end
         block = tl.load(table + js // BS, mask=j_ok, other=0).to(tl.int64)  # (BLOCK_N,) their blocks in the pool
         k_off = block * s_kb + (js % BS) * s_kt + kvh * s_kh  # (BLOCK_N,)
-        kt = tl.load(k_ptr + k_off[None, :] + ds[:, None], mask=j_ok[None, :] & d_ok[:, None], other=0.0)
+        kt = tl.load(k_ptr + k_off[None, :] + ds[:, None], mask=j_ok[None, :] & d_ok[:, None], other=0.0)  # K^T (D, N)
         qk = _dot(q, kt.to(q.dtype), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IEEE, UPCAST) * scale
         allowed = (js[None, :] <= pos[:, None]) & j_ok[None, :]  # (BLOCK_M, BLOCK_N) causal, within the context
         qk = tl.where(allowed, qk, float("-inf"))
@@ -99,7 +100,7 @@ def _paged_attention_kernel(
         p = tl.exp2(qk - m_new[:, None])  # (BLOCK_M, BLOCK_N), 0 where masked
         l_i = l_i * alpha + tl.sum(p, 1)
         v_off = block * s_vb + (js % BS) * s_vt + kvh * s_vh  # (BLOCK_N,)
-        v = tl.load(v_ptr + v_off[:, None] + ds[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_ptr + v_off[:, None] + ds[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # (N, D)
         acc = _dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], IEEE, UPCAST)  # (BLOCK_M, BLOCK_D)
         m_i = m_new
     out = acc / l_i[:, None]  # every stored row saw key 0, so l_i > 0 there
@@ -109,9 +110,9 @@ def _paged_attention_kernel(
 
 def _tile_map(meta, G: int, block_m: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """(q_start (S+1,), seq_len (S,), tile_seq (T,), tile_idx (T,)) int32 on `device`, built on the host from the
-    metadata's lists in one copy and cached in `meta.cache` for the other layers of the step."""
+    metadata's lists in one copy and cached in `meta.derived` for the other layers of the step."""
     key = ("triton_tiles", G, block_m, str(device))
-    if key not in meta.cache:
+    if key not in meta.derived:
         starts, tile_seq, tile_idx = [0], [], []
         for s, n in enumerate(meta.query_lens):
             starts.append(starts[-1] + n)
@@ -122,9 +123,9 @@ def _tile_map(meta, G: int, block_m: int, device: torch.device) -> tuple[torch.T
         host = torch.tensor(starts + list(meta.seq_lens) + tile_seq + tile_idx, dtype=torch.int32,
                             pin_memory=device.type == "cuda")
         flat = host.to(device, non_blocking=True)
-        meta.cache[key] = (flat[: S + 1], flat[S + 1 : 2 * S + 1], flat[2 * S + 1 : 2 * S + 1 + T],
+        meta.derived[key] = (flat[: S + 1], flat[S + 1 : 2 * S + 1], flat[2 * S + 1 : 2 * S + 1 + T],
                            flat[2 * S + 1 + T :])
-    return meta.cache[key]
+    return meta.derived[key]
 
 
 def _validate(q, k_cache, v_cache, meta, gqa) -> int:

@@ -19,6 +19,7 @@ dbrx.tokens, dbrx.serve.blocks / scheduler.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import math
 import threading
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dbrx.kernels.paged_attention import PagedMetadata
+from dbrx.kernels.paged_attention import BACKENDS, PagedMetadata, default_backend
 from dbrx.sampling import SamplingParams
 from dbrx.tokens import REAL_VOCAB_SIZE, UNUSED_IDS
 
@@ -49,6 +50,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_seq_len
     max_waiting: int = 1024  # waiting requests at most (then QueueFull)
     enable_prefix_cache: bool = True
+    attention_backend: str | None = None  # a name in dbrx.kernels.paged_attention.BACKENDS; None: the device's best
     vocab_limit: int | None = None  # ids at or above it are never sampled (default: min(model vocab, 100280))
 
     def validate(self) -> None:
@@ -56,6 +58,9 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"engine: {name} must be a positive integer, got {value!r}")
+        if self.attention_backend is not None and self.attention_backend not in BACKENDS:
+            raise ValueError(f"engine: unknown attention backend {self.attention_backend!r}; known: "
+                             f"{', '.join(BACKENDS)}")
         if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks < 2):
             raise ValueError(f"engine: num_blocks must be an integer >= 2, got {self.num_blocks!r}")
         if self.vocab_limit is not None and (isinstance(self.vocab_limit, bool) or not isinstance(self.vocab_limit, int)
@@ -108,6 +113,7 @@ class Engine:
         kv_heads, hd = cfg.attn_config.kv_n_heads, cfg.head_dim
         per_block = 2 * cfg.n_layers * config.block_size * kv_heads * hd * p.element_size()
         num_blocks = config.num_blocks or max(2, config.kv_memory_bytes // per_block)
+        self.attention_backend = config.attention_backend or default_backend(self.device)
         self.max_model_len = min(config.max_model_len or cfg.max_seq_len, cfg.max_seq_len)
         shape = (num_blocks, config.block_size, kv_heads, hd)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
@@ -182,7 +188,8 @@ class Engine:
         width = max(len(t) for t in tables)
         block_tables = torch.tensor([t + [t[0]] * (width - len(t)) for t in tables], dtype=torch.long)
         dev = self.device
-        meta = PagedMetadata(torch.tensor(slots, dtype=torch.long, device=dev), block_tables.to(dev), qlens, lens)
+        meta = PagedMetadata(torch.tensor(slots, dtype=torch.long, device=dev), block_tables.to(dev), qlens, lens,
+                             backend=self.attention_backend)
         sampled: dict[str, int | None] = {req.request_id: None for req, _ in scheduled}
         logits = self.model.forward_paged(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta,
                                           self.kv_caches, torch.tensor(want, dtype=torch.long, device=dev))  # (M, V)
@@ -309,12 +316,15 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = False
+        self._aborts: collections.deque[str] = collections.deque()  # request ids to abort before the next step
         self._thread = threading.Thread(target=self._loop, name="dbrx-engine", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
         while not self._stop:
             with self._lock:
+                while self._aborts:
+                    self.engine.abort(self._aborts.popleft())
                 busy = self.engine.has_unfinished()
                 outputs = self.engine.step() if busy else []
             by_loop: dict[asyncio.AbstractEventLoop, list] = {}
@@ -328,16 +338,31 @@ class AsyncEngine:
                 self._wake.wait(0.05)
                 self._wake.clear()
 
+    def _admit(self, request_id, prompt_ids, params, logprobs) -> None:
+        with self._lock:
+            self.engine.add_request(request_id, prompt_ids, params, logprobs)
+
+    def _prompt_logprobs(self, prompt_ids, top) -> list[dict | None]:
+        with self._lock:
+            return self.engine.prompt_logprobs(prompt_ids, top)
+
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        logprobs: int | None = None, prompt_logprobs: int | None = None
                        ) -> AsyncIterator[RequestOutput]:
         queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = (asyncio.get_running_loop(), queue)
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self._queues[request_id] = (asyncio.get_running_loop(), queue)  # before the engine can produce its outputs
+        finished = False
         try:
-            with self._lock:
-                prompt_lps = (self.engine.prompt_logprobs(prompt_ids, prompt_logprobs)
-                              if prompt_logprobs is not None else None)
-                self.engine.add_request(request_id, prompt_ids, params, logprobs)
+            try:
+                await asyncio.to_thread(self._admit, request_id, prompt_ids, params, logprobs)  # off the event loop
+            except (ValueError, QueueFull):
+                finished = True  # refused: nothing to abort
+                raise
+            prompt_lps = None
+            if prompt_logprobs is not None:  # a forward of the whole prompt: off the event loop too
+                prompt_lps = await asyncio.to_thread(self._prompt_logprobs, prompt_ids, prompt_logprobs)
             self._wake.set()
             while True:
                 out = await queue.get()
@@ -345,13 +370,15 @@ class AsyncEngine:
                     out = _merged(out, queue.get_nowait())
                 if prompt_lps is not None:  # once, with the first output
                     out.prompt_logprobs, prompt_lps = prompt_lps, None
+                finished = out.finished
                 yield out
-                if out.finished:
+                if finished:
                     return
-        finally:  # finished, or the consumer went away (client disconnect): free its blocks at once
+        finally:
             self._queues.pop(request_id, None)
-            with self._lock:
-                self.engine.abort(request_id)
+            if not finished:  # the consumer went away (client disconnect): its blocks are freed before the next step
+                self._aborts.append(request_id)
+                self._wake.set()
 
     def stats(self) -> dict:
         with self._lock:
