@@ -10,7 +10,8 @@ CUDA's max_memory_allocated (null on the CPU). MFU is against the device's dense
 With `--compare transformers`, `logits_rel_err` is |ours - theirs| / |theirs| over the last 8 positions' logits of
 the benchmark's tokens (about 1e-2 in bf16 when both compute the same function); if transformers runs out of
 memory, its entry says so and ours stands. `--estimate-memory` runs nothing: it traces the eager step on fake
-tensors and reports its estimated peak memory (dbrx/memory.py), for any size on any machine.
+tensors and reports its estimated peak memory (dbrx/memory.py), for any size on any machine; `--optimizer adamw`
+adds the optimizer's state. `--lora RANK` benchmarks (or estimates) the step of LoRA adapters on the frozen model.
 """
 
 from __future__ import annotations
@@ -133,11 +134,15 @@ def run_bench(
     peak: float | None = None,
     seed: int = 0,
     estimate_memory: bool = False,
+    lora=None,
+    optimizer: str | None = None,
 ) -> dict:
     """Benchmark one `train` step or one `prefill`; returns the report (see the module docstring).
 
     With `estimate_memory`, nothing runs: the step is traced on fake tensors and its peak memory estimated
-    (dbrx.memory), for any size on any machine.
+    (dbrx.memory), for any size on any machine. `lora` (a dbrx.lora.LoraConfig): the step of LoRA adapters on the
+    frozen model. `optimizer` ('adamw' or 'lionw', estimates only): add the optimizer's fp32 state of the trainable
+    parameters (two tensors each for AdamW, one for LionW), which lives through the step.
     """
     from .config import DbrxConfig
     from .kernels.experts import resolve_backend
@@ -160,16 +165,29 @@ def run_bench(
     if seq_len > cfg.max_seq_len:
         raise ValueError(f"--seq-len {seq_len} exceeds the preset's max_seq_len {cfg.max_seq_len}")
     torch_dtype = parse_dtype(dtype)
+    if optimizer not in (None, "adamw", "lionw"):
+        raise ValueError(f"--optimizer must be adamw or lionw, got {optimizer!r}")
+    if lora is not None:
+        lora.validate()
+        if compare:
+            raise ValueError("--lora cannot be compared with transformers (drop --compare)")
     if estimate_memory:
         if compare or compile:
             raise ValueError("--estimate-memory traces our eager step only: drop --compare and --compile")
-        return _estimate(kind, cfg, preset, overrides, batch, seq_len, dtype, torch_dtype, checkpointing, backend)
+        return _estimate(kind, cfg, preset, overrides, batch, seq_len, dtype, torch_dtype, checkpointing, backend,
+                         lora, optimizer)
+    if optimizer:
+        raise ValueError("--optimizer adds optimizer state to memory estimates only (with --estimate-memory)")
     dev = resolve_device(device)
     peak = peak if peak is not None else peak_tflops(dev)
 
     model = DbrxForCausalLM.from_config(cfg, device=dev, dtype=torch_dtype, seed=seed)
     model.train(kind == "train")
     w1 = model.transformer.blocks[0].ffn.experts.mlp.w1
+    if lora is not None:
+        from .lora import apply_lora
+
+        apply_lora(model, lora)
     expert_backend = resolve_backend(backend, torch.empty(1, cfg.d_model, dtype=torch_dtype, device=dev), w1)
     for block in model.transformer.blocks:
         block.ffn.backend = backend
@@ -184,6 +202,7 @@ def run_bench(
         device=str(dev), device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         torch=torch.__version__, date=datetime.date.today().isoformat(), compile=compile,
         checkpointing=checkpointing, backend=backend, expert_backend=expert_backend, steps=steps, warmup=warmup,
+        lora=_lora_report(lora),
         params_total=cfg.num_params()["total"], active_matmul_params=active_matmul_params(cfg), peak_tflops=peak,
     )
     report.update(_measure(kind, _step_fn(kind, model, ids), cfg, batch, seq_len, steps, warmup, dev, peak))
@@ -218,7 +237,12 @@ def run_bench(
     return report
 
 
-def _estimate(kind, cfg, preset, overrides, batch, seq_len, dtype, torch_dtype, checkpointing, backend) -> dict:
+def _lora_report(lora) -> dict | None:
+    return None if lora is None else dict(rank=lora.rank, alpha=lora.alpha, targets=list(lora.targets))
+
+
+def _estimate(kind, cfg, preset, overrides, batch, seq_len, dtype, torch_dtype, checkpointing, backend, lora=None,
+              optimizer=None) -> dict:
     from .kernels.experts import resolve_backend
     from .memory import estimate_peak
     from .model import DbrxForCausalLM
@@ -234,6 +258,10 @@ def _estimate(kind, cfg, preset, overrides, batch, seq_len, dtype, torch_dtype, 
         with _default_dtype(torch_dtype):  # built in the dtype: `.to()` cannot swap fake parameters
             model = DbrxForCausalLM(cfg)
         model.train(kind == "train")
+        if lora is not None:  # before checkpointing, as the trainer applies it
+            from .lora import apply_lora
+
+            apply_lora(model, lora)
         for block in model.transformer.blocks:
             block.ffn.backend = backend
         apply_activation_checkpointing(model, checkpointing)
@@ -249,10 +277,13 @@ def _estimate(kind, cfg, preset, overrides, batch, seq_len, dtype, torch_dtype, 
 
     est = estimate_peak(build, step)
     gb = 1e9
+    trainable = est["trainable_params"]
+    optim_bytes = trainable * 4 * {None: 0, "adamw": 2, "lionw": 1}[optimizer] if kind == "train" else 0
     return dict(
         bench=kind, preset=preset, overrides=overrides or {}, batch=batch, seq_len=seq_len, dtype=dtype,
-        checkpointing=checkpointing, backend=backend, torch=torch.__version__,
+        checkpointing=checkpointing, backend=backend, torch=torch.__version__, lora=_lora_report(lora),
         estimate="fake tensors, eager step (see dbrx/memory.py)", params_gb=est["params"] / gb,
-        estimated_peak_memory_gb=est["peak"] / gb,
+        trainable_params=trainable, optimizer=optimizer, optimizer_state_gb=optim_bytes / gb,
+        estimated_peak_memory_gb=(est["peak"] + optim_bytes) / gb,
         largest_at_peak=[f"{t['bytes'] / gb:.2f} GB {t['tensor']}" for t in est["at_peak"]],
     )

@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import tempfile
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -118,11 +118,16 @@ def cl100k_tables() -> tuple[tuple[bytes, ...], tuple[str, ...]]:
     return token_bytes, tuple(merges)
 
 
-def vocabulary(vocab_size: int) -> tuple[list[str], list[int]]:
-    """Token strings (byte-level form) and GGUF token types for ids 0 .. vocab_size - 1."""
+def _check_vocab_size(vocab_size: int) -> None:
     if vocab_size < REAL_VOCAB_SIZE:
         raise ValueError(f"the GGUF vocabulary is cl100k's with DBRX's special tokens (ids up to "
                          f"{REAL_VOCAB_SIZE - 1}); this model's vocab_size is only {vocab_size}")
+
+
+@functools.lru_cache(maxsize=2)
+def vocabulary(vocab_size: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Token strings (byte-level form) and GGUF token types for ids 0 .. vocab_size - 1."""
+    _check_vocab_size(vocab_size)
     token_bytes, _ = cl100k_tables()
     chars = byte_chars()
     specials = {i: s for s, i in SPECIAL_TOKENS.items()}
@@ -137,7 +142,7 @@ def vocabulary(vocab_size: int) -> tuple[list[str], list[int]]:
         else:
             tokens.append(f"[PAD{i}]")
             types.append(int(gguf.TokenType.UNUSED))
-    return tokens, types
+    return tuple(tokens), tuple(types)
 
 
 def _jinja_string(s: str) -> str:
@@ -217,6 +222,8 @@ def _convert(t: torch.Tensor, name: str, ggml_type) -> np.ndarray:
 
 
 def _check_config(cfg) -> None:
+    """ValueError when llama.cpp's DBRX would not run this model as we do (or the vocabulary is not DBRX's)."""
+    _check_vocab_size(cfg.vocab_size)
     p = cfg.ffn_config.moe_normalize_expert_weights
     if p != 1.0:
         raise ValueError(f"llama.cpp's DBRX graph divides the top-k expert weights by their sum "
@@ -246,9 +253,11 @@ def _write_metadata(w: gguf.GGUFWriter, cfg, qtype: str, name: str) -> None:
     tokens, types = vocabulary(cfg.vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("dbrx")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(list(cl100k_tables()[1]))
+    # the long arrays with their element type given: the writer then skips checking each element's type
+    array, keys = gguf.GGUFValueType.ARRAY, gguf.Keys.Tokenizer
+    w.add_key_value(keys.LIST, tokens, array, sub_type=gguf.GGUFValueType.STRING)
+    w.add_key_value(keys.TOKEN_TYPE, types, array, sub_type=gguf.GGUFValueType.INT32)
+    w.add_key_value(keys.MERGES, cl100k_tables()[1], array, sub_type=gguf.GGUFValueType.STRING)
     w.add_bos_token_id(tok.bos_id)
     w.add_eos_token_id(tok.eos_id)
     w.add_unk_token_id(tok.unk_id)
@@ -263,14 +272,18 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike, qtype: str = "f1
     """Write checkpoint directory `src` as the GGUF file `out` (replaced only once the new file is complete).
 
     qtype: 'f16', 'q8_0' or 'q4_0'. name: `general.name` (default: the checkpoint directory's name). Returns
-    {'tensors', 'bytes', 'seconds'}. ValueError (one line) for an unknown type, a directory that is not a DBRX
-    checkpoint, a vocabulary that is not DBRX's, or rows that do not fit the quantization blocks.
+    {'tensors', 'bytes', 'seconds'}. One-line errors: ValueError for an unknown type, a checkpoint that is not a
+    valid DBRX checkpoint (dbrx.hf_checkpoint's checks), a vocabulary that is not DBRX's, a model llama.cpp would
+    run differently, or rows that do not fit the quantization blocks; FileNotFoundError for a missing checkpoint
+    (or its config.json) or output directory.
     """
     if qtype not in TYPES:
         raise ValueError(f"unknown GGUF type {qtype!r}; choose one of {', '.join(TYPES)}")
     out = Path(out)
     if out.is_dir():
         raise ValueError(f"{out} is a directory; give the path of the .gguf file to write")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"{out.parent}: directory not found (for {out.name})")
     start = time.perf_counter()
     with read_checkpoint(src) as (cfg, tensors):
         _check_config(cfg)
@@ -278,8 +291,8 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike, qtype: str = "f1
         if progress:
             progress(f"building the vocabulary ({cfg.vocab_size} tokens, merges from cl100k's ranks) ...")
         cl100k_tables()
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        os.close(fd)
+        tmp = out.parent / f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask applies, as for OUT
         try:
             writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DBRX])
             try:

@@ -109,6 +109,10 @@ class _Reader:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._open(self.key_file[key]).get_slice(key).get_shape())
 
+    def dtype_name(self, key: str) -> str:
+        """The safetensors dtype name ('BF16', 'I8', 'U8' ...) from the header."""
+        return self._open(self.key_file[key]).get_slice(key).get_dtype()
+
     def dtype(self, key: str) -> torch.dtype:
         name = self._open(self.key_file[key]).get_slice(key).get_dtype()
         if name not in _ST_DTYPES:
@@ -270,8 +274,23 @@ def _read(reader: _Reader, name: str, keys: list[str], shape, dtype=None, device
     return out
 
 
+def quantization_config(path: str | os.PathLike):
+    """The `quantization_config` entry of a checkpoint directory's config.json (None when absent or unreadable:
+    the regular loading path then reports what is wrong with the file). Quantized checkpoints are read by
+    dbrx.quant, which this module never imports."""
+    try:
+        with open(Path(path) / CONFIG_NAME, "rb") as fh:
+            d = json.loads(fh.read(MAX_INDEX_BYTES))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return d.get("quantization_config") if isinstance(d, dict) else None
+
+
 def _validated(reader: _Reader) -> tuple[dict[str, tuple[int, ...]], dict[str, list[str]]]:
     """(our shapes, our name -> checkpoint keys) after checking names, shapes and dtypes from the headers."""
+    if quantization_config(reader.dir) is not None:
+        raise ValueError(f"{reader.dir}: a quantized checkpoint (quantization_config in {CONFIG_NAME}); load it with "
+                         f"dbrx.quant.load_quantized (the dbrx verbs do), or quantize the float checkpoint again")
     shapes = _expected_shapes(reader.config)
     sources = _source_keys(reader.config, detect_layout(reader.key_file))
     _check_keys(reader, sources)
@@ -479,6 +498,6 @@ def state_dict_to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torc
     return {k: v.reshape(-1, v.shape[-1]) if EXPERT_RE.fullmatch(k) else v for k, v in state.items()}
 
 
-__all__ = ["read_checkpoint", "save_state_dict", "save_tensors", "convert_checkpoint", "detect_layout", "parse_dtype",
-           "parse_size", "plain_file_name", "transformers_config", "state_dict_to_transformers", "HF_NO_CLIP",
-           "LAYOUTS", "DEFAULT_SHARD_BYTES"]
+__all__ = ["read_checkpoint", "quantization_config", "save_state_dict", "save_tensors", "convert_checkpoint",
+           "detect_layout", "parse_dtype", "parse_size", "plain_file_name", "transformers_config",
+           "state_dict_to_transformers", "HF_NO_CLIP", "LAYOUTS", "DEFAULT_SHARD_BYTES"]

@@ -58,19 +58,20 @@ def estimate_peak(build: Callable[[], tuple[torch.nn.Module, tuple[torch.Tensor,
     """Trace `step(model, *inputs)` on fake CPU tensors; `build()` makes the model and inputs (also faked).
 
     Returns bytes: params, peak (params + inputs + the step's peak of live tensors) and the largest tensors
-    alive at the peak.
+    alive at the peak; and the number of trainable parameters (requires_grad).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(allow_non_fake_inputs=True):
         model, inputs = build()
         params = sum(p.numel() * p.element_size() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         buffers = sum(b.numel() * b.element_size() for b in model.buffers())
         input_bytes = sum(t.numel() * t.element_size() for t in inputs)
         tracker = LiveMemory()
         tracker.ignore([*model.parameters(), *model.buffers(), *inputs])
         with tracker:
             step(model, *inputs)
-        return dict(params=params, buffers=buffers, inputs=input_bytes,
+        return dict(params=params, buffers=buffers, inputs=input_bytes, trainable_params=trainable,
                     peak=params + buffers + input_bytes + tracker.peak,
                     at_peak=[dict(bytes=b, tensor=what) for b, what in tracker.at_peak])

@@ -217,7 +217,7 @@ class DbrxForCausalLM(nn.Module):
     def setup_cache(self, batch: int, max_len: int, dtype=None, device=None) -> None:
         if max_len > self.config.max_seq_len:
             raise ValueError(f"cache length {max_len} exceeds max_seq_len {self.config.max_seq_len}")
-        p = self.lm_head.weight
+        p = self.transformer.norm_f.weight  # a float weight even when the head is quantized (dbrx.quant)
         for block in self.transformer.blocks:
             attn = block.norm_attn_norm.attn
             attn.cache = KVCache(batch, max_len, attn.kv_heads, attn.head_dim, dtype or p.dtype, device or p.device)

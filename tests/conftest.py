@@ -57,9 +57,10 @@ def reference_greedy(model: torch.nn.Module, prompt: list[int], n: int, vocab_li
 
     limit = min(model.config.vocab_size, REAL_VOCAB_SIZE) if vocab_limit is None else vocab_limit
     unused = [i for i in UNUSED_IDS if i < limit]
+    device = next(model.parameters()).device
     ids = list(prompt)
     for _ in range(n):
-        logits = model(torch.tensor([ids]))[0, -1, :limit].clone()  # (V,) of the next token
+        logits = model(torch.tensor([ids], device=device))[0, -1, :limit].float()  # (V,) of the next token
         logits[unused] = -float("inf")
         ids.append(int(logits.argmax()))
     return ids[len(prompt):]

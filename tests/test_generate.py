@@ -1,11 +1,12 @@
 """dbrx.generate, the Python API on the serving engine: greedy outputs against a recompute-everything reference,
 batch invariance, seeds, stops, the vocabulary limit, the sampler's distributions, and text streaming."""
 
+import functools
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import reference_greedy
+from conftest import reference_greedy as _reference_greedy
 from torch import nn
 
 from dbrx.config import DbrxConfig
@@ -37,6 +38,16 @@ def tokenizer():
     from dbrx.tokenizer import get_tokenizer
 
     return get_tokenizer()
+
+
+@functools.cache
+def _reference(model, prompt: tuple[int, ...], n: int) -> tuple[int, ...]:
+    return tuple(_reference_greedy(model, list(prompt), n))
+
+
+def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """conftest's recompute-everything greedy reference, memoised (several tests ask for the same prompts)."""
+    return list(_reference(model, tuple(prompt), n))
 
 
 def _engine_like(vocab_size: int) -> SimpleNamespace:
@@ -167,8 +178,14 @@ def test_the_kv_pool_is_sized_to_the_call(model):
     assert engine.pool.num_blocks == 1 + 2 + 1  # the null block, ceil(30 / 16), ceil(13 / 16)
     assert engine.scheduler.max_num_seqs == 2
     prompts = [[i % 200 + 1] * (i % 7 + 1) for i in range(40)]  # more prompts than a server's default seats
-    assert generate_ids(model, prompts, SamplingParams(temperature=0, max_new_tokens=3, stop_ids=())) == [
-        reference_greedy(model, q, 3) for q in prompts]
+    calls = []
+    handle = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        out = generate_ids(model, prompts, SamplingParams(temperature=0, max_new_tokens=3, stop_ids=()))
+    finally:
+        handle.remove()
+    assert len(calls) == 3  # every prompt ran from the first step: one prefill step, then two decode steps
+    assert [out[i] for i in (0, 13, 39)] == [reference_greedy(model, prompts[i], 3) for i in (0, 13, 39)]
 
 
 def test_too_long_raises_naming_numbers(model):
@@ -203,6 +220,14 @@ def test_generation_restores_modes():
     next(it)
     it.close()  # a caller that stops early (a stop string) also gets its model back in training mode
     assert model.training
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_generation_on_cuda():
+    model = tiny_model().to("cuda")
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11]]
+    assert generate_ids(model, prompts, GREEDY) == [reference_greedy(model, p, 10) for p in prompts]
 
 
 # ---- the sampler, through the engine ------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """`dbrx serve` end to end: the real engine behind the real server, driven by the official `openai` client.
 
-Greedy answers equal the dense-cache generation path alone, also for 32 concurrent streaming clients with mixed
-sampling settings; prompt log-probabilities (what lm-evaluation-harness scores) equal a direct log-softmax of
-the model's logits; the chat page is served."""
+Greedy answers equal a recompute-everything greedy reference (conftest.reference_greedy), also for 32 concurrent
+streaming clients with mixed sampling settings; prompt log-probabilities (what lm-evaluation-harness scores)
+equal a direct log-softmax of the model's logits; the chat page is served."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ httpx = pytest.importorskip("httpx")
 
 import torch  # noqa: E402
 from conftest import SERVED_NAME as NAME  # noqa: E402  (the `served` fixture is conftest's)
+from conftest import reference_greedy  # noqa: E402
 
-from dbrx.generate import SamplingParams, generate_ids  # noqa: E402
 from dbrx.tokenizer import get_tokenizer  # noqa: E402
 from dbrx.tokens import UNUSED_IDS  # noqa: E402
 
@@ -28,16 +28,12 @@ def _client(url):
     return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
 
 
-def _solo(model, ids, n):
-    return generate_ids(model, [ids], SamplingParams(temperature=0, max_new_tokens=n, stop_ids=()))[0]
-
-
-def test_completion_equals_the_dense_path(served):
+def test_completion_equals_the_reference(served):
     model, url, _ = served
     tok = get_tokenizer()
     out = _client(url).completions.create(model=NAME, prompt="To be, or not", max_tokens=8, temperature=0)
     ids = tok.encode("To be, or not")
-    expected = _solo(model, ids, 8)
+    expected = reference_greedy(model, ids, 8)
     assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == len(expected)
     if out.choices[0].finish_reason == "length":  # (a stop id inside the 8 tokens would end it earlier)
         assert out.choices[0].text == tok.decode(expected)
@@ -63,7 +59,7 @@ def test_32_concurrent_streams_with_mixed_sampling(served):
     tok = get_tokenizer()
     for i, (greedy, pieces) in enumerate(results):
         if greedy:
-            expected = _solo(model, prompts[i], 10)
+            expected = reference_greedy(model, prompts[i], 10)
             assert "".join(pieces) == tok.decode(expected), i
     stats = front.stats()
     assert stats["running"] == 0 and stats["waiting"] == 0 and stats["kv_usage"] == 0.0

@@ -1,5 +1,6 @@
-"""The serving engine against the dense-cache generation path: greedy outputs equal each prompt generated alone
-(batch invariance), whatever else runs, through chunked prefill, prefix caching and preemption."""
+"""The serving engine against a recompute-everything greedy reference (conftest.reference_greedy): greedy outputs
+equal each prompt generated alone (batch invariance), whatever else runs, through chunked prefill, prefix caching
+and preemption."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import asyncio
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import randomize_, reference_greedy
 
 from dbrx import DbrxConfig, DbrxForCausalLM
-from dbrx.generate import SamplingParams, generate_ids
+from dbrx.sampling import SamplingParams
 from dbrx.serve.engine import AsyncEngine, Engine, EngineConfig, QueueFull
 
 
@@ -44,9 +45,9 @@ def _run(engine, max_steps=10_000):
     return outs, reasons
 
 
-def test_greedy_outputs_equal_the_dense_path_alone(model):
+def test_greedy_outputs_equal_the_reference_alone(model):
     prompts = _prompts(6)
-    solo = [generate_ids(model, [p], _greedy())[0] for p in prompts]  # the KV-cache path, one prompt at a time
+    solo = [reference_greedy(model, p, 12) for p in prompts]  # no KV cache, one prompt at a time
     engine = Engine(model, EngineConfig(block_size=4, num_blocks=200, max_num_batched_tokens=32, max_num_seqs=4))
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", p, _greedy())
@@ -59,7 +60,7 @@ def test_greedy_outputs_equal_the_dense_path_alone(model):
 
 def test_greedy_requests_are_unaffected_by_sampled_neighbours_and_preemption(model):
     prompts = _prompts(5, seed=1)
-    solo = [generate_ids(model, [p], _greedy(10))[0] for p in prompts]
+    solo = [reference_greedy(model, p, 10) for p in prompts]
     # a pool far too small for 10 concurrent requests: the scheduler must preempt and recompute
     engine = Engine(model, EngineConfig(block_size=4, num_blocks=20, max_num_batched_tokens=24, max_num_seqs=10))
     for i, p in enumerate(prompts):
@@ -96,7 +97,7 @@ def test_a_shared_system_prompt_is_computed_once(model):
     engine.add_request("second", system + questions[1], _greedy(4))
     second, r2 = _run(engine)
     assert r1["first"][1] == 0 and r2["second"][1] == 40  # ten full blocks of the system prompt from the cache
-    assert second["second"] == generate_ids(model, [system + questions[1]], _greedy(4))[0]
+    assert second["second"] == reference_greedy(model, system + questions[1], 4)
 
 
 def test_long_prompts_are_prefilled_in_chunks_while_decodes_continue(model):
@@ -142,17 +143,24 @@ def test_async_engine_streams_and_frees_an_abandoned_request(model):
         got, first = asyncio.run(main())
     finally:
         front.shutdown()
-    assert got == generate_ids(model, [[5, 6, 7]], _greedy(6))[0]
+    assert got == reference_greedy(model, [5, 6, 7], 6)
     assert first.new_token_ids and not engine.has_unfinished() and engine.pool.usage == 0.0
 
 
 def test_stop_ids_end_a_request_without_being_output(model):
     p = _prompts(1, seed=8)[0]
-    free = generate_ids(model, [p], _greedy(12))[0]
+    free = reference_greedy(model, p, 12)
     stop = free[4]
     params = SamplingParams(temperature=0, max_new_tokens=12, stop_ids=(stop,))
     engine = Engine(model, EngineConfig(block_size=4, num_blocks=100))
     engine.add_request("s", p, params)
     outs, reasons = _run(engine)
-    assert outs["s"] == generate_ids(model, [p], params)[0] == free[: free.index(stop)]
+    assert outs["s"] == free[: free.index(stop)]
     assert reasons["s"][0] == "stop"
+
+
+def test_unknown_attention_backend_is_refused():
+    from dbrx.serve.engine import EngineConfig
+
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'; known: reference"):
+        EngineConfig(attention_backend="flash").validate()

@@ -3,6 +3,8 @@
     dbrx info NAME_OR_DIR          config, parameter counts, memory, KV cache per token
     dbrx init --preset NAME OUT    a randomly initialised Hugging Face-format checkpoint
     dbrx convert IN OUT            split <-> stacked expert layout, dtype
+    dbrx export-gguf DIR OUT.gguf  one GGUF file for llama.cpp (--type f16, q8_0 or q4_0)
+    dbrx quantize IN OUT --bits 8|4  a weight-only int8 / int4 checkpoint (CPU kernels; loaded by every verb)
     dbrx generate --model DIR TEXT generate (or stream) text; --chat applies the DBRX Instruct template
     dbrx chat --model DIR          interactive multi-turn chat
     dbrx serve --model DIR         OpenAI-compatible HTTP server (continuous batching, paged KV cache)
@@ -11,6 +13,7 @@
     dbrx finetune --model DIR ...  supervised fine-tuning on chat JSONL
     dbrx plot RUN_DIR              loss and expert-load pictures of a run
     dbrx export RUN_DIR OUT        a Hugging Face checkpoint from a (sharded) training checkpoint
+    dbrx merge-lora BASE ADAPTER OUT  a checkpoint with a LoRA adapter (PEFT format) merged in
     dbrx eval --model DIR          ICL tasks with Gauntlet scores, HumanEval, lm-evaluation-harness
     dbrx bench train|prefill|serve throughput, TFLOP/s, MFU, memory; serving latency and throughput
 
@@ -32,7 +35,7 @@ import torch
 from .common import Parser
 
 # verb modules, in the order `dbrx --help` lists them: each has register(subparsers)
-VERB_MODULES = ("model", "generate", "serve", "prepare", "train", "eval", "bench")
+VERB_MODULES = ("model", "gguf", "quant", "generate", "serve", "prepare", "train", "lora", "eval", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,6 +39,13 @@ def _add_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--estimate-memory", action="store_true",
                    help="run nothing: trace the eager step on fake tensors and print its estimated peak memory "
                         "(any size, on any machine, in seconds)")
+    p.add_argument("--lora", type=int, default=None, metavar="RANK",
+                   help="the step of LoRA adapters of this rank on the frozen model (dbrx.lora)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: twice the rank)")
+    p.add_argument("--lora-targets", default=None, metavar="T1,T2",
+                   help="LoRA targets among Wqkv, out_proj, router, w1, v1, w2 (default Wqkv,out_proj,w1,v1,w2)")
+    p.add_argument("--optimizer", default=None, choices=("adamw", "lionw"),
+                   help="with --estimate-memory: add the optimizer's fp32 state of the trainable parameters")
 
 
 def register(subparsers) -> None:
@@ -72,12 +79,26 @@ def register(subparsers) -> None:
     q.set_defaults(func=run_serve)
 
 
+def _lora_config(args: argparse.Namespace):
+    if args.lora is None:
+        if args.lora_alpha is not None or args.lora_targets is not None:
+            raise ValueError("--lora-alpha and --lora-targets need --lora RANK")
+        return None
+    from dbrx.lora import LoraConfig
+
+    cfg = LoraConfig(rank=args.lora, alpha=args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora)
+    if args.lora_targets is not None:
+        cfg.targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    return cfg
+
+
 def run(args: argparse.Namespace) -> int:
     report = run_bench(
         args.kind, preset=args.preset, overrides=parse_override_args(args.override), batch=args.batch,
         seq_len=args.seq_len, dtype=args.dtype, compile=args.compile, checkpointing=args.checkpointing,
         steps=args.steps, warmup=args.warmup, backend=args.backend, device=args.device, compare=args.compare,
-        peak=args.peak_tflops, seed=args.seed, estimate_memory=args.estimate_memory,
+        peak=args.peak_tflops, seed=args.seed, estimate_memory=args.estimate_memory, lora=_lora_config(args),
+        optimizer=args.optimizer,
     )
     print(json.dumps(report), flush=True)
     return 0

@@ -42,13 +42,8 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def load_model(args):
-    """The model of `add_model_args`, in eval mode; the device is checked before anything is read."""
-    import torch
+    """The model of `add_model_args` (float or quantized), in eval mode; the device is checked before anything is
+    read."""
+    from dbrx.loading import load_pretrained
 
-    from dbrx.devices import parse_dtype, resolve_device
-    from dbrx.model import DbrxForCausalLM
-
-    device = resolve_device(args.device)
-    dtype = parse_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return DbrxForCausalLM.from_pretrained(args.model, dtype=dtype, device=device,
-                                           allow_nonfinite=args.allow_nonfinite).eval()
+    return load_pretrained(args.model, device=args.device, dtype=args.dtype, allow_nonfinite=args.allow_nonfinite)

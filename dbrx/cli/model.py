@@ -21,10 +21,12 @@ def _human(n: float) -> str:
 
 # ---- info -----------------------------------------------------------------------------------------------
 def info_report(cfg) -> dict:
+    from dbrx.quant import TARGETS, QuantSpec, checkpoint_bytes
+
     n = cfg.num_params()
-    norms = n["norms"]
-    matmul = n["total"] - norms  # weights that weight-only quantization stores in int8 / int4
-    group = 128  # int4 groups along the input dim, one bf16 scale and one bf16 zero point per group
+    # what `dbrx quantize --include-head --include-embedding` writes (the router and norms stay bf16), exactly
+    int8 = QuantSpec.make(cfg, 8, None, TARGETS)
+    int4 = QuantSpec.make(cfg, 4, None, TARGETS) if cfg.d_model % 32 == 0 else None
     return {
         "config": cfg.to_hf_dict(),
         "params_total": n["total"],
@@ -32,9 +34,10 @@ def info_report(cfg) -> dict:
         "params_by_part": {k: v for k, v in n.items() if k not in ("total", "active")},
         "memory_bytes": {
             "bf16": 2 * n["total"],
-            "int8": matmul + 2 * (matmul // cfg.d_model) + 2 * norms,  # one bf16 scale per output row
-            "int4": matmul // 2 + 4 * (matmul // group) + 2 * norms,
+            "int8": checkpoint_bytes(cfg, int8),  # one bf16 scale per output row
+            "int4": checkpoint_bytes(cfg, int4) if int4 else None,  # bf16 scale and zero per group
         },
+        "int4_group_size": int4.group_size if int4 else None,
         "kv_cache_bytes_per_token_bf16": cfg.kv_cache_bytes_per_token(2),
         "kv_cache_bytes_full_context_bf16": cfg.kv_cache_bytes_per_token(2) * cfg.max_seq_len,
         "train_flops_per_token": cfg.flops_per_token(cfg.max_seq_len, training=True),
@@ -58,8 +61,9 @@ def cmd_info(args) -> int:
     for k, v in rep["params_by_part"].items():
         print(f"    {k:<11} {v / 1e9:8.3f}B")
     m = rep["memory_bytes"]
-    print(f"  weights: bf16 {_human(m['bf16'])} · int8 {_human(m['int8'])} · int4 {_human(m['int4'])} "
-          "(weight-only; int8 per-row scales, int4 groups of 128)")
+    int4 = f"int4 {_human(m['int4'])} (groups of {rep['int4_group_size']})" if m["int4"] else "int4 n/a"
+    print(f"  weights: bf16 {_human(m['bf16'])} · int8 {_human(m['int8'])} · {int4} "
+          "(dbrx quantize --include-head --include-embedding)")
     print(f"  KV cache (bf16): {_human(rep['kv_cache_bytes_per_token_bf16'])} per token, "
           f"{_human(rep['kv_cache_bytes_full_context_bf16'])} per sequence at {cfg.max_seq_len} tokens")
     return 0

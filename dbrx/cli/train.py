@@ -135,7 +135,7 @@ def _train(cfg, task: str, args: argparse.Namespace) -> int:
             pictures = plot_run(trainer.run_dir)
             final = summary["final"] or {}
             print(f"done: {summary['step']} steps in {summary['wall_s']:.0f} s, final loss "
-                  f"{final.get('loss', float('nan')):.4f}; model in {out}"
+                  f"{final.get('loss', float('nan')):.4f}; {'adapter' if cfg.lora else 'model'} in {out}"
                   + (f"; plots {', '.join(str(p) for p in pictures)}" if pictures else ""), file=sys.stderr)
             if not args.no_sample:
                 text = trainer.sample()

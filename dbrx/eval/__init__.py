@@ -6,6 +6,7 @@
     code.py      HumanEval and sandboxed execution of generated code
     harness.py   the lm-evaluation-harness adapter
 
-Imports: dbrx.model, dbrx.tokens, dbrx.tokenizer, dbrx.generate / dbrx.sampling (SamplingParams), dbrx.serve.engine
-(generation); never dbrx.train or dbrx.cli (the trainer and the CLI import this package).
+Imports: dbrx.model, dbrx.loading (float or quantized checkpoints), dbrx.tokens, dbrx.tokenizer, dbrx.sampling
+(SamplingParams), dbrx.serve.engine (generation); never dbrx.train or dbrx.cli (the trainer and the CLI import
+this package).
 """

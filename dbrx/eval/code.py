@@ -4,16 +4,17 @@ HumanEval's 164 problems come from the ``HumanEval.jsonl.gz`` that the ``human-e
 generated through the serving engine (`dbrx.eval.scoring.generate_until`), cut at HumanEval's stop strings, and each
 program (prompt + completion + the problem's tests + ``check(entry_point)``) runs in the sandbox of `check_program`.
 
-The sandbox, layer by layer. The first four are enforced by the kernel and hold whatever the program does; where the
-kernel lacks a feature that layer is skipped (`sandbox_measures()` says which ones this machine has):
+The sandbox, layer by layer. All but the last are enforced by the kernel (the timeout by the parent process) and
+hold whatever the program does; where the kernel lacks a feature that layer is skipped, and `sandbox_measures()` says
+which ones this machine applies (a kernel with Landlock, seccomp and unprivileged user namespaces has them all):
 
   process     a separate `python -I -S` (no site-packages, no PYTHON* variables, no user site) in its own session
               and process group, with a clean environment (HOME and TMPDIR in its working directory), stdin from
               /dev/null, stdout and stderr to a file; the wall-clock timeout kills the whole process group, which is
               killed again after every run, and the throw-away working directory (tempfile) is removed afterwards.
-  rlimits     RLIMIT_CPU (timeout + 1 s), RLIMIT_AS (memory_mb: unbounded allocation raises MemoryError),
-              RLIMIT_FSIZE (16 MiB written per file), RLIMIT_NOFILE (64), RLIMIT_CORE 0, RLIMIT_NPROC 1 (no new
-              process or thread; the kernel does not apply it to uid 0, hence seccomp below).
+  rlimits     RLIMIT_CPU (timeout + 1 s), RLIMIT_AS (memory_mb of address space: unbounded allocation raises
+              MemoryError), RLIMIT_FSIZE (16 MiB per file written), RLIMIT_NOFILE (64), RLIMIT_CORE 0, RLIMIT_NPROC 1
+              (no new process or thread; the kernel does not apply it to uid 0, hence seccomp below).
   namespaces  a new user namespace (no capabilities left in the machine's own namespace, even for root) and a new,
               empty network namespace: no interface but a loopback that is down, so nothing is reachable.
   landlock    (Linux >= 5.13) files: read and execute only under the Python installation, /usr, /lib*, /bin and
@@ -23,9 +24,15 @@ kernel lacks a feature that layer is skipped (`sandbox_measures()` says which on
               thread), socket, socketpair, kill, tkill, tgkill, pidfd_send_signal, rt_(tg)sigqueueinfo, ptrace,
               process_vm_readv/writev, execve, execveat, mount, umount2, pivot_root, chroot, unshare, setns,
               open_by_handle_at (EPERM); another architecture's syscall ABI kills the process.
-  guard       (weak, in-process, can be undone by the program itself) destructive `os`, `shutil`, `subprocess`
-              and `socket` functions replaced by ones that raise, and `ctypes` / `multiprocessing` imports refused:
-              it turns a stray `shutil.rmtree` into a clean failure, but is never what keeps the machine safe.
+  guard       (weak: in-process, the program can undo it) functions that spawn, signal or connect raise, functions
+              that delete, move or change files refuse paths outside the working directory, and ctypes /
+              multiprocessing cannot be imported. It turns a stray `shutil.rmtree` into a clean failure, but is never
+              what keeps the machine safe.
+
+Not covered: the program can read the Python installation and /usr (no user data there, but not nothing); it can
+fill the working directory with many 16 MiB files until the timeout; it shares the CPU with the evaluation. Without
+Landlock (kernel < 5.13 or disabled) nothing but the guard keeps it from the user's files, and without seccomp, as
+uid 0, nothing but the guard bounds its processes: run evaluations as an ordinary user on such machines.
 
 A program passes when it exits normally after running to its end (a line with a secret the runner writes last);
 exceptions, `sys.exit`, a signal, the timeout and the limits are failures. The sandbox protects the machine, not the
@@ -206,9 +213,20 @@ def check_program(program: str, timeout_s: float = 5.0, memory_mb: int = 512, *,
 
 
 def _remove_tree(path: str) -> None:
+    """Remove the working directory, even where the program took away its own permissions."""
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path):
+        os.chmod(path, 0o700)
+        for root, dirs, _ in os.walk(path):  # top-down: each folder is made listable before it is listed
+            for d in [root, *(os.path.join(root, d) for d in dirs)]:
+                if not os.path.islink(d):
+                    try:
+                        os.chmod(d, 0o700)
+                    except OSError:
+                        pass
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def check_programs(programs: Sequence[str], timeout_s: float = 5.0, memory_mb: int = 512, workers: int | None = None,

@@ -336,13 +336,10 @@ def _mean_loss_argmin(scores: Sequence[scoring.Score]) -> int:
 Checker = Callable[..., tuple[bool, str]]
 
 
-def run_task(model: nn.Module, tokenizer, spec: TaskSpec, items: list[dict] | None = None, limit: int | None = None,
-             batch_tokens: int = 4096, checker: Checker | None = None) -> dict:
-    """Score one task; returns {"accuracy", "n", "correct", "seconds", ...} with the spec's label, type, shots,
-    category and baseline. `checker`: (program, timeout_s) -> (passed, message) for code (default: the sandbox
-    of dbrx.eval.code)."""
-    start = time.perf_counter()
-    items = read_items(spec.dataset_uri, spec.icl_task_type) if items is None else items
+def item_results(model: nn.Module, tokenizer, spec: TaskSpec, items: list[dict], limit: int | None = None,
+                 batch_tokens: int = 4096, checker: Checker | None = None) -> list[bool]:
+    """Whether the model gets each of the first `limit` items right (few-shot examples come from all items).
+    `checker`: (program, timeout_s=...) -> (passed, message) for code (default: dbrx.eval.code's sandbox)."""
     shots = fewshot_indices(len(items), spec.num_fewshot, spec.fewshot_random_seed)
     chosen = range(len(items) if limit is None else min(limit, len(items)))
     enc = tokenizer.encode
@@ -381,12 +378,14 @@ def run_task(model: nn.Module, tokenizer, spec: TaskSpec, items: list[dict] | No
             requests.append(scoring.GenerationRequest(enc(prompt), stop=spec.stops, max_new_tokens=spec.max_new_tokens))
         outputs = scoring.generate_until(model, tokenizer, requests)
         if t == "code_evaluation":
-            if checker is None:
-                from dbrx.eval.code import check_program as checker
-            for i, out in zip(chosen, outputs):
-                item = items[i]
-                program = f"{item['prompt']}{out}\n\n{item['test']}\n\ncheck({item['entry_point']})\n"
-                correct.append(bool(checker(program, timeout_s=spec.timeout_s)[0]))
+            programs = [f"{items[i]['prompt']}{out}\n\n{items[i]['test']}\n\ncheck({items[i]['entry_point']})\n"
+                        for i, out in zip(chosen, outputs)]
+            if checker is None:  # the sandbox, several programs at a time
+                from dbrx.eval.code import check_programs
+
+                correct = [bool(ok) for ok, _ in check_programs(programs, timeout_s=spec.timeout_s)]
+            else:
+                correct = [bool(checker(p, timeout_s=spec.timeout_s)[0]) for p in programs]
         else:
             for i, out in zip(chosen, outputs):
                 answers = [items[i]["answer"], *items[i].get("aliases", [])]
@@ -396,7 +395,18 @@ def run_task(model: nn.Module, tokenizer, spec: TaskSpec, items: list[dict] | No
                 else:
                     got, answers = got.strip(), [a.strip() for a in answers]
                 correct.append(got in answers)
+    return correct
+
+
+def run_task(model: nn.Module, tokenizer, spec: TaskSpec, items: list[dict] | None = None, limit: int | None = None,
+             batch_tokens: int = 4096, checker: Checker | None = None) -> dict:
+    """Score one task: {"accuracy", "correct", "n", "seconds"} with the spec's type, shots, category and baseline
+    (items: read from the spec's file when not given)."""
+    start = time.perf_counter()
+    items = read_items(spec.dataset_uri, spec.icl_task_type) if items is None else items
+    correct = item_results(model, tokenizer, spec, items, limit, batch_tokens, checker)
     n = len(correct)
+    t = spec.icl_task_type
     return {"type": t, "category": spec.category, "num_fewshot": spec.num_fewshot,
             "random_baseline": spec.random_baseline, "accuracy": sum(correct) / n if n else math.nan,
             "correct": sum(correct), "n": n, "seconds": round(time.perf_counter() - start, 3)}
@@ -455,4 +465,4 @@ def run_tasks(model: nn.Module, tokenizer, specs: Sequence[TaskSpec], limit: int
 
 
 __all__ = ["DEMO_YAML", "TASK_TYPES", "RunReport", "TaskSpec", "check_tasks", "extract_answer", "fewshot_indices",
-           "load_task_file", "normalize_answer", "read_items", "run_task", "run_tasks", "select_tasks"]
+           "item_results", "load_task_file", "normalize_answer", "read_items", "run_task", "run_tasks", "select_tasks"]

@@ -248,13 +248,13 @@ def rolling_windows(tokens: Sequence[int], max_len: int, context_len: int = 1,
 
 
 def rolling_loglikelihood(model: nn.Module, documents: Sequence[Sequence[int]], context_len: int = 1,
-                          **kwargs) -> list[Score]:
+                          prefix_token: int = EOS_ID, **kwargs) -> list[Score]:
     """Each document's total log-likelihood (every token predicted once; see rolling_windows), its greediness and
     its token count. kwargs go to `loglikelihood`."""
     max_len = model.config.max_seq_len
     windows, owner = [], []
     for d, doc in enumerate(documents):
-        for w in rolling_windows(doc, max_len, context_len):
+        for w in rolling_windows(doc, max_len, context_len, prefix_token):
             windows.append(w)
             owner.append(d)
     scores = loglikelihood(model, windows, **kwargs)
@@ -288,33 +288,49 @@ def generate_until(model: nn.Module, tokenizer, requests: Sequence[GenerationReq
     """The generated text of each request, cut before its first stop string; all requests run together through
     the serving engine (continuous batching over a paged KV cache). A request stops at a stop string, an
     end-of-text id or max_new_tokens; a prompt too long for max_seq_len - max_new_tokens is cut from the left."""
-    from dbrx.generate import SamplingParams
+    from dbrx.sampling import SamplingParams
     from dbrx.serve.engine import Engine, EngineConfig
 
-    max_len = model.config.max_seq_len
-    engine = Engine(model, EngineConfig(max_num_seqs=max_num_seqs, kv_memory_bytes=kv_memory_bytes,
-                                        max_waiting=len(requests) + 1))
-    ids: dict[str, list[int]] = {}
-    for i, r in enumerate(requests):
+    if not requests:
+        return []
+    cfg, block = model.config, 16
+    max_len = cfg.max_seq_len
+    prompts, news = [], []
+    for r in requests:
         new = min(r.max_new_tokens, max_len - 1)
-        prompt = list(r.prompt_ids)[-(max_len - new):] or [EOS_ID]
-        engine.add_request(str(i), prompt, SamplingParams(temperature=r.temperature, max_new_tokens=new,
-                                                          seed=r.seed))
-        ids[str(i)] = []
-    texts: dict[str, str] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            rid = out.request_id
-            ids[rid] += out.new_token_ids
-            stops = requests[int(rid)].stop
-            text = tokenizer.decode(ids[rid], skip_special=True)
-            cut = _first_stop(text, stops) if stops else None
-            if cut is not None or out.finished:
-                if not out.finished:
-                    engine.abort(rid)
-                texts[rid] = text if cut is None else text[:cut]
-                if progress is not None:
-                    progress(1)
+        prompts.append(list(r.prompt_ids)[-(max_len - new):] or [EOS_ID])
+        news.append(new)
+    # KV blocks for the longest requests that can run at once (or kv_memory_bytes, when that is less)
+    longest = sorted((len(p) + n for p, n in zip(prompts, news)), reverse=True)[:max_num_seqs]
+    blocks = sum(-(-n // block) for n in longest) + 1
+    per_block = 2 * cfg.n_layers * block * cfg.attn_config.kv_n_heads * cfg.head_dim * \
+        next(model.parameters()).element_size()
+    was_training = model.training
+    try:
+        engine = Engine(model, EngineConfig(block_size=block, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048,
+                                            num_blocks=max(2, min(blocks, kv_memory_bytes // per_block)),
+                                            max_waiting=len(requests) + 1))  # (puts the model in eval mode)
+        ids: dict[str, list[int]] = {}
+        for i, (r, prompt, new) in enumerate(zip(requests, prompts, news)):
+            engine.add_request(str(i), prompt, SamplingParams(temperature=r.temperature, max_new_tokens=new,
+                                                              seed=r.seed))
+            ids[str(i)] = []
+        texts: dict[str, str] = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                rid = out.request_id
+                ids[rid] += out.new_token_ids
+                stops = requests[int(rid)].stop
+                text = tokenizer.decode(ids[rid], skip_special=True)
+                cut = _first_stop(text, stops) if stops else None
+                if cut is not None or out.finished:
+                    if not out.finished:
+                        engine.abort(rid)
+                    texts[rid] = text if cut is None else text[:cut]
+                    if progress is not None:
+                        progress(1)
+    finally:
+        model.train(was_training)
     return [texts[str(i)] for i in range(len(requests))]
 
 

@@ -1,2 +1,2 @@
-"""Compute kernels used by the model: grouped expert matmuls (torch and Triton), attention masks, the chunked
-lm-head loss. Imports: torch, triton (optional), dbrx.compat; never the model."""
+"""Compute kernels used by the model: grouped expert matmuls (torch and Triton) and their LoRA form, attention
+masks, the chunked lm-head loss. Imports: torch, triton (optional), dbrx.compat; never the model."""

@@ -115,6 +115,7 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_f, rank, **kw))  # (out, r)
         self.scaling, self.dropout = float(scaling), float(dropout)
         _init_A(self.lora_A)
+        self.train(base.training)
 
     @property
     def rank(self) -> int:
@@ -168,6 +169,7 @@ class LoraExperts(nn.Module):
             _init_A(self.lora_A[name])
         self.scaling = {name: float(scalings[name]) for name in self.lora_A}
         self.dropout = float(dropout)
+        self.train(base.training)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, backend: str = "auto",
                 recompute: bool = False) -> torch.Tensor:

@@ -18,24 +18,31 @@ What PEFT does with DBRX (read from peft 0.21 and transformers 5.x, checked by t
   therefore E times the size of our stacked factors (lora_B is zero off its diagonal blocks).
 - Read back, a block-diagonal lora_B gives per-expert rank R/E again; any other (an adapter trained by PEFT itself,
   where every expert shares lora_A) is exactly per-expert rank R with A_e = lora_A for every e.
+- peft 0.21 loads such adapters onto transformers' DbrxForCausalLM, and `merge_and_unload()` applies them; its
+  unmerged forward fails for expert targets on transformers 5.x (DbrxExperts reads `self.mlp.w1` from outside the
+  wrapped module, where PEFT's parametrization is not active and the wrapper has no `w1`): PEFT's side, not the
+  format's. Attention and router adapters run unmerged in peft too.
 
 `Factors` are our form of one adapted base weight, keyed by the base tensor's name in our state dict
 (`...attn.Wqkv.weight`, `...ffn.experts.mlp.w1`): linear A (r, in), B (out, r); experts A (E, r, in),
-B (E, out, r). Imports: config, fsutil, hf_checkpoint, lora.layers.
+B (E, out, r). Files are written and read tensor by tensor. Imports: config, fsutil, hf_checkpoint, lora.layers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..config import DbrxConfig
@@ -119,6 +126,21 @@ def adapter_factors(model: nn.Module) -> dict[str, Factors]:
     return out
 
 
+def factors_from_state_dict(state: dict[str, torch.Tensor], lora: LoraConfig) -> dict[str, Factors]:
+    """Factors from adapter tensors by parameter name (`lora_state_dict`, a training checkpoint), all of rank and
+    scaling as `lora` gives."""
+    paths = {p: t for t, p in LINEAR_PATHS.items()}
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in state.items():
+        if m := re.fullmatch(r"(transformer\.blocks\.\d+)\.ffn\.experts\.lora_([AB])\.(w1|v1|w2)", name):
+            pairs.setdefault(f"{m.group(1)}.ffn.experts.mlp.{m.group(3)}", {})[m.group(2)] = t
+        elif (m := re.fullmatch(r"(transformer\.blocks\.\d+)\.(.+)\.lora_([AB])", name)) and m.group(2) in paths:
+            pairs.setdefault(f"{m.group(1)}.{m.group(2)}.weight", {})[m.group(3)] = t
+        else:
+            raise ValueError(f"{name} is not a LoRA adapter tensor")
+    return {name: Factors(ab["A"], ab["B"], lora.scaling) for name, ab in pairs.items()}
+
+
 @torch.no_grad()
 def attach_factors(model: nn.Module, factors: dict[str, Factors], dropout: float = 0.0) -> nn.Module:
     """Wrap the base weights named in `factors` with adapters holding those values (ranks and scalings as given);
@@ -152,13 +174,14 @@ def attach_factors(model: nn.Module, factors: dict[str, Factors], dropout: float
 
 
 # ---- factors <-> PEFT tensors ------------------------------------------------------------------------------
-def experts_to_peft(w: str, f: Factors) -> tuple[torch.Tensor, torch.Tensor]:
-    """Our stacked per-expert factors of expert weight `w` -> PEFT's (lora_A (E*r, D), lora_B (E*F, E*r))."""
+def experts_to_peft(w: str, f: Factors, side: str) -> torch.Tensor:
+    """Our stacked per-expert factors of expert weight `w` -> PEFT's lora_A (E*r, D) (side 'A') or its
+    block-diagonal lora_B (E*F, E*r) (side 'B')."""
     A, B = f.A, f.B  # (E, r, in), (E, out, r)
     E, r = A.shape[0], A.shape[1]
-    if w == "w2":  # PEFT's D side is our B, its F side our A
-        return B.transpose(1, 2).reshape(E * r, -1), torch.block_diag(*A.transpose(1, 2))
-    return A.reshape(E * r, -1), torch.block_diag(*B)
+    d_side, f_side = (B.transpose(1, 2), A.transpose(1, 2)) if w == "w2" else (A, B)  # (E, r, D), (E, F, r)
+    # (for w2, PEFT's D side is our B and its F side our A)
+    return d_side.reshape(E * r, -1) if side == "A" else torch.block_diag(*f_side)
 
 
 def experts_from_peft(w: str, lora_A: torch.Tensor, lora_B: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,7 +192,7 @@ def experts_from_peft(w: str, lora_A: torch.Tensor, lora_B: torch.Tensor, E: int
     blocks = lora_B.reshape(E, F_, R)  # (E, F, R) each expert's rows
     diagonal = False
     if R % E == 0:
-        used = lora_B.reshape(E, F_, E, R // E).ne(0).any(1)  # (E, E): expert e's rows touch column block e'
+        used = lora_B.reshape(E, F_, E, R // E).ne(0).any(3).any(1)  # (E, E): expert e's rows touch column block e'
         diagonal = not bool((used & ~torch.eye(E, dtype=torch.bool, device=used.device)).any())
     if diagonal:  # expert e's rows use only columns e*r:(e+1)*r
         r = R // E
@@ -198,6 +221,28 @@ def _peft_alpha(scaling: float, rank: int, rslora: bool) -> float:
     return int(alpha) if float(alpha).is_integer() else alpha
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+
+
+def _save_streaming(entries, path: Path) -> None:
+    """A safetensors file written tensor by tensor: (name, shape, dtype, thunk) entries, each thunk called when its
+    bytes are written, so that at most one tensor (a block-diagonal lora_B: E*F x E*r) exists at a time."""
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype, _ in entries:
+        n = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        for name, shape, dtype, thunk in entries:
+            t = thunk().detach().to(device="cpu", dtype=dtype).contiguous()
+            assert tuple(t.shape) == tuple(shape), (name, t.shape, shape)
+            fh.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
 def write_peft(factors: dict[str, Factors], cfg: DbrxConfig, path: str | os.PathLike, lora: LoraConfig | None = None,
                base_model: str | None = None) -> Path:
     """Write `factors` (of a model with config `cfg`) as a PEFT adapter directory, atomically; returns the path."""
@@ -205,27 +250,29 @@ def write_peft(factors: dict[str, Factors], cfg: DbrxConfig, path: str | os.Path
         raise ValueError("the model has no LoRA adapters to save")
     E = cfg.ffn_config.moe_num_experts
     rslora = bool(lora.rslora) if lora else False
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: list[tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]] = []  # written lazily
     kinds: dict[str, dict[str, tuple[int, float]]] = {}  # kind -> {pattern key of one layer: (peft r, alpha)}
-    n_expert_kinds: dict[int, list[str]] = {}
+    expert_kinds: dict[int, list[str]] = {}
     for name in factors:
         if m := re.fullmatch(r"transformer\.blocks\.(\d+)\.ffn\.experts\.mlp\.(w1|v1|w2)", name):
-            n_expert_kinds.setdefault(int(m.group(1)), []).append(m.group(2))
+            expert_kinds.setdefault(int(m.group(1)), []).append(m.group(2))
     for name, f in factors.items():
         if m := re.fullmatch(r"transformer\.blocks\.(\d+)\.ffn\.experts\.mlp\.(w1|v1|w2)", name):
             block, w = int(m.group(1)), m.group(2)
-            targeted = [t for t in EXPERT_TARGETS if t in n_expert_kinds[block]]
+            targeted = [t for t in EXPERT_TARGETS if t in expert_kinds[block]]
             depth = len(targeted) - 1 - targeted.index(w)  # the nesting of PEFT's ParamWrappers
             module = f"transformer.blocks.{block}.ffn.experts.mlp" + ".base_layer" * depth
-            lora_A, lora_B = experts_to_peft(w, f)
+            shapes = {"A": (E * f.rank, cfg.d_model), "B": (E * cfg.ffn_config.ffn_hidden_size, E * f.rank)}
+            get = {side: (lambda w=w, f=f, side=side: experts_to_peft(w, f, side)) for side in "AB"}
             kind, key, rank = w, name, E * f.rank
         else:
             module = name.removesuffix(".weight")
-            lora_A, lora_B = f.A, f.B
+            shapes = {"A": tuple(f.A.shape), "B": tuple(f.B.shape)}
+            get = {"A": lambda f=f: f.A, "B": lambda f=f: f.B}
             kind = next(t for t, p in LINEAR_PATHS.items() if module.endswith(p))
             key, rank = module, f.rank
-        tensors[f"{PREFIX}{module}.lora_A.weight"] = lora_A.contiguous()
-        tensors[f"{PREFIX}{module}.lora_B.weight"] = lora_B.contiguous()
+        for side in "AB":
+            tensors.append((f"{PREFIX}{module}.lora_{side}.weight", shapes[side], f.A.dtype, get[side]))
         kinds.setdefault(kind, {})[key] = (rank, _peft_alpha(f.scaling, rank, rslora))
 
     linear = [k for k in kinds if k not in EXPERT_TARGETS]
@@ -256,7 +303,7 @@ def write_peft(factors: dict[str, Factors], cfg: DbrxConfig, path: str | os.Path
     }
     out = Path(path)
     with atomic_dir(out) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        _save_streaming(tensors, tmp / WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return out
 
@@ -302,7 +349,9 @@ def read_config(path: str | os.PathLike) -> dict:
     return config
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+@contextlib.contextmanager
+def _weights(path: Path) -> Iterator[Any]:
+    """The adapter's safetensors file, opened (tensors are read one at a time, when asked for)."""
     f = path / WEIGHTS_NAME
     if not f.is_file():
         pickles = [p.name for p in path.glob("*.bin")]
@@ -310,32 +359,23 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{f}: missing{hint}")
     try:
         with safe_open(str(f), framework="pt") as st:
-            return {k: st.get_tensor(k) for k in st.keys()}
+            yield st
     except SafetensorError as e:
         raise ValueError(f"{f}: not a valid safetensors file (truncated or corrupt?): {e}") from None
 
 
 def read_peft(path: str | os.PathLike, cfg: DbrxConfig) -> dict[str, Factors]:
     """A PEFT LoRA adapter for transformers' DbrxForCausalLM as our Factors, checked against the base config `cfg`
-    (layers, targets, shapes): any mismatch is a one-line ValueError naming the tensor."""
+    (layers, targets, shapes and dtypes from the file's header, before any tensor is read): any mismatch is a
+    one-line ValueError naming the tensor. One PEFT tensor is held at a time besides the (compact) result."""
     path = Path(path)
     config = read_config(path)
-    tensors = _read_tensors(path)
     where = path / WEIGHTS_NAME
     rslora = bool(config.get("use_rslora", False))
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     targets = config.get("target_parameters") or []
     E, F_, D = cfg.ffn_config.moe_num_experts, cfg.ffn_config.ffn_hidden_size, cfg.d_model
-
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        m = _KEY_RE.fullmatch(key.removeprefix(PREFIX))
-        if not m:
-            raise ValueError(f"{where}: tensor {key!r} is not a LoRA factor dbrx can use (only lora_A / lora_B)")
-        pairs.setdefault(m.group(1), {})[m.group(2)] = t
-    if not pairs:
-        raise ValueError(f"{where}: holds no LoRA tensors")
 
     def scaling_of(key: str, rank: int, module: str) -> float:
         r = rank_pattern.get(_pattern_key(rank_pattern, key), r_default)
@@ -344,17 +384,6 @@ def read_peft(path: str | os.PathLike, cfg: DbrxConfig) -> dict[str, Factors]:
         alpha = alpha_pattern.get(_pattern_key(alpha_pattern, key), alpha_default)
         return lora_scaling(alpha, rank, rslora)
 
-    def check(module: str, ab: dict[str, torch.Tensor], shape_A, shape_B) -> None:
-        for side, want in (("A", shape_A), ("B", shape_B)):
-            if side not in ab:
-                raise ValueError(f"{where}: {module} has no lora_{side}")
-            t = ab[side]
-            if not t.is_floating_point():
-                raise ValueError(f"{where}: {module}.lora_{side} is {t.dtype}, expected floating point")
-            if tuple(t.shape) != tuple(want):
-                raise ValueError(f"{where}: {module}.lora_{side}.weight has shape {list(t.shape)}, expected "
-                                 f"{list(want)} for this base model (an adapter for another model?)")
-
     def layer(i: str, module: str) -> int:
         block = int(i)
         if block >= cfg.n_layers:
@@ -362,32 +391,61 @@ def read_peft(path: str | os.PathLike, cfg: DbrxConfig) -> dict[str, Factors]:
                              f"(an adapter for another model?)")
         return block
 
-    out: dict[str, Factors] = {}
-    for module, ab in sorted(pairs.items()):
-        if m := _LINEAR_RE.fullmatch(module):
-            block = layer(m.group(1), module)
-            target = next(t for t, p in LINEAR_PATHS.items() if p == m.group(2))
-            in_f, out_f = {"Wqkv": (D, cfg.qkv_dim), "out_proj": (D, D), "router": (D, E)}[target]
-            rank = ab["A"].shape[0] if "A" in ab and ab["A"].dim() == 2 else -1
-            check(module, ab, (rank, in_f), (out_f, rank))
-            out[_linear_weight_name(block, target)] = Factors(ab["A"], ab["B"], scaling_of(module, rank, module))
-        elif m := _EXPERT_RE.fullmatch(module):
-            block = layer(m.group(1), module)
-            prefix = f"transformer.blocks.{block}.ffn.experts.mlp."
-            targeted = [w for w in EXPERT_TARGETS if any(f"{prefix}{w}" == t or f"{prefix}{w}".endswith("." + t)
-                                                         for t in targets)]
-            depth = m.group(2).count(".base_layer")
-            if depth >= len(targeted):
-                raise ValueError(f"{where}: {module} does not match the expert parameters that {CONFIG_NAME} "
-                                 f"targets ({targets})")
-            w = targeted[len(targeted) - 1 - depth]
-            rank = ab["A"].shape[0] if "A" in ab and ab["A"].dim() == 2 else -1
-            check(module, ab, (rank, D), (E * F_, rank))
-            A, B = experts_from_peft(w, ab["A"], ab["B"], E)
-            out[_expert_weight_name(block, w)] = Factors(A, B, scaling_of(prefix + w, rank, module))
-        else:
-            raise ValueError(f"{where}: {module} is not a module dbrx adapts (attention Wqkv / out_proj, the router, "
-                             f"the experts' w1 / v1 / w2)")
+    with _weights(path) as st:
+        pairs: dict[str, dict[str, str]] = {}  # module -> {"A": key, "B": key}
+        for key in st.keys():
+            m = _KEY_RE.fullmatch(key.removeprefix(PREFIX))
+            if not m:
+                raise ValueError(f"{where}: tensor {key!r} is not a LoRA factor dbrx can use (only lora_A / lora_B)")
+            pairs.setdefault(m.group(1), {})[m.group(2)] = key
+        if not pairs:
+            raise ValueError(f"{where}: holds no LoRA tensors")
+
+        def rank_of(module: str, ab: dict[str, str]) -> int:
+            shape = st.get_slice(ab["A"]).get_shape() if "A" in ab else []
+            return shape[0] if len(shape) == 2 else -1
+
+        def check(module: str, ab: dict[str, str], shape_A, shape_B) -> None:
+            for side, want in (("A", shape_A), ("B", shape_B)):
+                if side not in ab:
+                    raise ValueError(f"{where}: {module} has no lora_{side}")
+                dtype, shape = st.get_slice(ab[side]).get_dtype(), st.get_slice(ab[side]).get_shape()
+                if dtype not in _ST_DTYPES.values():
+                    raise ValueError(f"{where}: {module}.lora_{side} is {dtype}, expected floating point")
+                if tuple(shape) != tuple(want):
+                    raise ValueError(f"{where}: {module}.lora_{side}.weight has shape {list(shape)}, expected "
+                                     f"{list(want)} for this base model (an adapter for another model?)")
+
+        plan = []  # checked first, read after
+        for module, ab in sorted(pairs.items()):
+            rank = rank_of(module, ab)
+            if m := _LINEAR_RE.fullmatch(module):
+                block = layer(m.group(1), module)
+                target = next(t for t, p in LINEAR_PATHS.items() if p == m.group(2))
+                in_f, out_f = {"Wqkv": (D, cfg.qkv_dim), "out_proj": (D, D), "router": (D, E)}[target]
+                check(module, ab, (rank, in_f), (out_f, rank))
+                plan.append((_linear_weight_name(block, target), None, ab, scaling_of(module, rank, module)))
+            elif m := _EXPERT_RE.fullmatch(module):
+                block = layer(m.group(1), module)
+                prefix = f"transformer.blocks.{block}.ffn.experts.mlp."
+                targeted = [w for w in EXPERT_TARGETS
+                            if any(f"{prefix}{w}" == t or f"{prefix}{w}".endswith("." + t) for t in targets)]
+                depth = m.group(2).count(".base_layer")
+                if depth >= len(targeted):
+                    raise ValueError(f"{where}: {module} does not match the expert parameters that {CONFIG_NAME} "
+                                     f"targets ({targets})")
+                w = targeted[len(targeted) - 1 - depth]
+                check(module, ab, (rank, D), (E * F_, rank))
+                plan.append((_expert_weight_name(block, w), w, ab, scaling_of(prefix + w, rank, module)))
+            else:
+                raise ValueError(f"{where}: {module} is not a module dbrx adapts (attention Wqkv / out_proj, the "
+                                 f"router, the experts' w1 / v1 / w2)")
+        out: dict[str, Factors] = {}
+        for name, w, ab, scaling in plan:
+            A, B = st.get_tensor(ab["A"]), st.get_tensor(ab["B"])
+            if w is not None:
+                A, B = experts_from_peft(w, A, B, E)
+            out[name] = Factors(A, B, scaling)
     return out
 
 
@@ -433,5 +491,6 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: s
 
 
 __all__ = ["save_adapter", "load_adapter", "merge_checkpoint", "read_peft", "write_peft", "adapter_factors",
+           "factors_from_state_dict",
            "attach_factors", "experts_to_peft", "experts_from_peft", "weight_delta", "Factors", "CONFIG_NAME",
            "WEIGHTS_NAME"]

@@ -388,6 +388,9 @@ class AsyncEngine:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=5)
+        with self._lock:  # aborts that came after the last step
+            while self._aborts:
+                self.engine.abort(self._aborts.popleft())
 
 
 __all__ = ["Engine", "EngineConfig", "AsyncEngine", "RequestOutput", "QueueFull"]

@@ -9,8 +9,9 @@
       schedule: [{until: 0.8, weights: {text: 0.7, code: 0.3}}, {until: 1.0, weights: {text: 0.4, code: 0.6}}]
     train: {steps: 200, global_batch: 8, micro_batch: 8, seq_len: 256, precision: auto, ...}
     optim: {name: adamw, lr: 3e-3, warmup_steps: 20, schedule: cosine, min_lr_ratio: 0.1, ...}
-    eval: {interval: 50, fraction: 0.02, batches: 2}
+    eval: {interval: 50, fraction: 0.02, batches: 2, icl_tasks: null, icl_limit: null}  # icl_tasks: e.g. demo
     checkpoint: {interval: 100, keep: 2}
+    lora: null  # or {rank: 16, alpha: 32, rslora: false, dropout: 0.0, targets: [Wqkv, out_proj, w1, v1, w2]}
     log: {interval: 10, expert_load_interval: 50, tensorboard: false, mlflow: false, peak_flops: auto}
 
 Overrides use dotted paths and YAML values: `optim.lr=1e-3 train.steps=50 model.overrides.n_layers=2`. Files and
@@ -33,6 +34,7 @@ from typing import Any
 import yaml
 
 from dbrx.config import YamlLoader, parse_value, yaml_problem
+from dbrx.lora.layers import LoraConfig
 from dbrx.moe import LOAD_BALANCING
 from dbrx.parallel.activation_checkpoint import MODES
 
@@ -104,6 +106,8 @@ class EvalSection:
     interval: int = 0  # steps between evaluations (0: only at the end, when a held-out split exists)
     fraction: float = 0.0  # share of each stream's documents (or conversations) held out
     batches: int = 2  # micro batches per stream per evaluation
+    icl_tasks: str | None = None  # ICL tasks scored at each evaluation, as `dbrx eval --tasks`: demo, a YAML, names
+    icl_limit: int | None = None  # at most this many items per ICL task
 
 
 @dataclass
@@ -141,6 +145,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     sample: SampleSection = field(default_factory=SampleSection)
+    lora: LoraConfig | None = None  # set (e.g. `lora.rank=16`): train LoRA adapters on a frozen model.checkpoint
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -187,9 +192,14 @@ class TrainConfig:
         if not 0 <= self.eval.fraction < 1:
             raise ValueError(f"eval.fraction must be in [0, 1), got {self.eval.fraction}")
         _positive("eval.batches", self.eval.batches)
-        if self.eval.interval and not self.eval.fraction:
+        if self.eval.interval and not self.eval.fraction and not self.eval.icl_tasks:
             raise ValueError(f"eval.interval is {self.eval.interval} but eval.fraction is 0: nothing is held out to "
-                             "evaluate on (set eval.fraction, e.g. 0.02, or eval.interval=0)")
+                             "evaluate on (set eval.fraction, e.g. 0.02, eval.icl_tasks, or eval.interval=0)")
+        if self.eval.icl_limit is not None:
+            _positive("eval.icl_limit", self.eval.icl_limit)
+        if self.eval.icl_tasks and world > 1:
+            raise ValueError("eval.icl_tasks runs in single-process training only: score the exported checkpoints "
+                             "of a multi-process run with `dbrx eval`")
         if self.checkpoint.interval < 0:
             raise ValueError(f"checkpoint.interval must be >= 0, got {self.checkpoint.interval}")
         _positive("checkpoint.keep", self.checkpoint.keep)
@@ -209,6 +219,10 @@ class TrainConfig:
         elif self.model.overrides:
             raise ValueError("model.overrides apply to a preset, not to model.checkpoint")
         self._validate_data(task)
+        if self.lora is not None:
+            self.lora.validate()
+            if self.model.checkpoint is None:
+                raise ValueError("lora: LoRA adapts a trained model; set model.checkpoint (--model DIR)")
 
     def _validate_sample(self) -> None:
         s = self.sample
@@ -275,6 +289,9 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        sections = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(sections) == 1:  # an optional section: its own errors name the field
+            return _convert(sections[0], value, where)
         for a in args:
             if a is type(None):
                 continue

@@ -27,7 +27,8 @@ def _last_per_step(records: list[dict]) -> list[dict]:
 
 
 def plot_run(run_dir: str | os.PathLike) -> list[Path]:
-    """Write RUN_DIR/loss.png and RUN_DIR/expert_load.png; returns the files written ([] without matplotlib)."""
+    """Write RUN_DIR/loss.png, RUN_DIR/expert_load.png and (with eval.icl_tasks) RUN_DIR/icl.png; returns the files
+    written ([] without matplotlib)."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     steps = _last_per_step(records)
@@ -106,6 +107,27 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
         fig.savefig(run_dir / "expert_load.png", dpi=110)
         plt.close(fig)
         written.append(run_dir / "expert_load.png")
+
+    icl = [r for r in records if r.get("event") == "eval" and "icl/overall" in r]  # eval.icl_tasks' scores
+    if icl:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        keys = sorted({k for r in icl for k in r if k.startswith("icl/") and not k.startswith("icl/task/")} -
+                      {"icl/overall"}) + ["icl/overall"]
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in icl if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), "o-", ms=3, lw=2.5 if key == "icl/overall" else 1,
+                        color="black" if key == "icl/overall" else None, label=key.removeprefix("icl/"))
+        ax.axhline(0.0, color="gray", lw=1, ls=":")
+        ax.set_xlabel("step")
+        ax.set_ylabel("rescaled accuracy (0 = chance)")
+        ax.set_title(f"ICL tasks (Gauntlet scores): {run_dir.name}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(run_dir / "icl.png", dpi=110)
+        plt.close(fig)
+        written.append(run_dir / "icl.png")
     return written
 
 

@@ -3,7 +3,8 @@ fall back past a corrupt one, export to the Hugging Face layout tensor by tensor
 
 A checkpoint is a directory `CKPT_DIR/step_00000100/` holding
 
-    .metadata, __R_0.distcp   a DCP checkpoint of the model (keys `model/<fqn>`) and the optimizer state tensors
+    .metadata, __R_0.distcp   a DCP checkpoint of the model's trained tensors (keys `model/<fqn>`; with LoRA the
+                              adapters only, the frozen base is not stored) and the optimizer state tensors
                               (`optim/state/<fqn>/<name>`): each rank writes only its own shards (`__R_0.distcp`),
                               nothing is gathered to one rank; `.metadata` records every tensor's global shape and
                               where its pieces are
@@ -47,6 +48,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -64,6 +66,10 @@ STEP_RE = re.compile(r"^step_(\d{8})$")
 STATE_NAME = "state.json"
 METADATA_NAME = ".metadata"
 MODEL, OPTIM = "model/", "optim/"  # key prefixes inside the DCP checkpoint
+# the model part holds what trains: everything in full training, the adapters only with a frozen (LoRA) base
+_TRAINED = StateDictOptions(ignore_frozen_params=True)
+# loading: the frozen tensors are absent (not an error); check_compatible has matched the trained ones by name
+_LOAD_TRAINED = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 class CheckpointError(ValueError):
@@ -282,7 +288,7 @@ def _unflatten_optim(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
 def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict, dict[str, Any]]:
     """(model tensors, optimizer tensors, optimizer JSON): this rank's shards (DTensors under FSDP), not copies."""
     otensors, ometa = _flatten_optim(get_optimizer_state_dict(model, optimizer))
-    return get_model_state_dict(model), otensors, ometa
+    return get_model_state_dict(model, options=_TRAINED), otensors, ometa
 
 
 # ---- save -------------------------------------------------------------------------------------------------
@@ -444,7 +450,7 @@ def check_compatible(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.op
     """
     where = f"checkpoint {ckpt['path']}"
     # sharded state (no gathering): DTensors report the full shapes
-    here = {k: tuple(v.shape) for k, v in get_model_state_dict(model).items()}
+    here = {k: tuple(v.shape) for k, v in get_model_state_dict(model, options=_TRAINED).items()}
     there = {k: shape for k, (shape, _) in _tensor_sizes(ckpt["metadata"], MODEL).items()}
     for name, shape in here.items():
         if name not in there:
@@ -483,7 +489,7 @@ def apply_checkpoint(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.op
     tensors = {**{MODEL + k: v for k, v in msd.items()},
                **({OPTIM + k: v for k, v in otensors.items()} if has_optim else {})}
     _dcp_load(tensors, _Reader(ckpt["path"], ckpt["metadata"]), f"checkpoint {ckpt['path']}: cannot load")
-    set_model_state_dict(model, {k: tensors[MODEL + k] for k in msd})
+    set_model_state_dict(model, {k: tensors[MODEL + k] for k in msd}, options=_LOAD_TRAINED)
     if has_optim:
         osd = _unflatten_optim({k: tensors[OPTIM + k] for k in otensors}, ckpt["state"]["optim"])
         set_optimizer_state_dict(model, optimizer, osd)
@@ -540,7 +546,8 @@ def model_config_of(ckpt: dict[str, Any]) -> DbrxConfig:
 def export_hf(source: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
               config: DbrxConfig | None = None, dtype=None,
               max_shard_bytes: int | str = hf_checkpoint.DEFAULT_SHARD_BYTES) -> Path:
-    """Write the model of a training checkpoint as a Hugging Face checkpoint in `out`, tensor by tensor.
+    """Write the model of a training checkpoint as a Hugging Face checkpoint in `out`, tensor by tensor (of a LoRA
+    run: the adapter of that step, in PEFT's format).
 
     `source`: a run directory (its `checkpoints/`), a checkpoint directory or one `step_*` checkpoint; `step`: that
     step's checkpoint (default: the newest usable one). Each tensor is read whole from the shards of every rank that
@@ -550,6 +557,17 @@ def export_hf(source: str | os.PathLike, out: str | os.PathLike, step: int | Non
     ckpt = _pick(source, step)
     cfg = config or model_config_of(ckpt)
     sizes = _tensor_sizes(ckpt["metadata"], MODEL)
+    run = (ckpt["state"].get("extra") or {}).get("config") or {}
+    if lora := run.get("lora"):  # a LoRA run's checkpoint holds the adapters only: that step's adapter (PEFT)
+        from dbrx.lora.layers import LoraConfig
+        from dbrx.lora.peft_format import factors_from_state_dict, write_peft
+
+        lora_cfg = LoraConfig(**lora)
+        reader = _Reader(ckpt["path"], ckpt["metadata"])
+        state = {name: load_tensor(ckpt, MODEL + name, reader) for name in sizes}
+        write_peft(factors_from_state_dict(state, lora_cfg), cfg, out, lora_cfg,
+                   base_model=(run.get("model") or {}).get("checkpoint"))
+        return ckpt["path"]
     expected = {k: tuple(v.shape) for k, v in DbrxForCausalLM.from_config(cfg, device="meta").state_dict().items()}
     for name, shape in expected.items():
         if name not in sizes or sizes[name][0] != shape:

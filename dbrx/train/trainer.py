@@ -200,6 +200,7 @@ class Trainer:
 
         seed_everything(t.seed)
         self.loader, self.eval_sets = self._build_data()
+        self.icl = self._icl_tasks()
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, cfg.optim)
         seed_everything(t.seed, self.dist.rank)  # after the model's initialisation, which every rank shares
@@ -225,7 +226,7 @@ class Trainer:
         if overwrite and resume is None and self.dist.is_main:
             shutil.rmtree(self.ckpt_dir, ignore_errors=True)
             shutil.rmtree(self.run_dir / "final", ignore_errors=True)
-            for name in ("metrics.jsonl", "loss.png", "expert_load.png"):
+            for name in ("metrics.jsonl", "loss.png", "expert_load.png", "icl.png"):
                 (self.run_dir / name).unlink(missing_ok=True)
         fsdp.barrier()
 
@@ -295,6 +296,10 @@ class Trainer:
                                                     device="cpu")
         else:  # nothing allocated yet: each rank materialises only its own shards, after sharding
             model = DbrxForCausalLM.from_config(self.mcfg, device="meta")
+        if self.cfg.lora is not None:  # adapters (the same on every rank: seeded alike) on the frozen base
+            from dbrx.lora import apply_lora
+
+            apply_lora(model, self.cfg.lora)
         apply_activation_checkpointing(model, t.activation_checkpointing)
         if t.compile:
             compile_blocks(model)  # after activation checkpointing: the checkpoint sits inside the compiled region
@@ -500,7 +505,8 @@ class Trainer:
                         m["mix"] = self.loader.realised()
                     self.log.print(progress_line(done, t.steps, m, time.perf_counter() - start, self.start_step))
                 self.log.log(m)
-                if self.eval_sets and cfg.eval.interval and done % cfg.eval.interval == 0 and done < t.steps:
+                if (self.eval_sets or self.icl) and cfg.eval.interval and done % cfg.eval.interval == 0 \
+                        and done < t.steps:
                     self._log_eval(done)
                 stop = self._should_stop()
                 periodic = cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0 and not nan_streak
@@ -519,7 +525,7 @@ class Trainer:
             self.save(t.steps)
         summary = {"interrupted": False, "step": t.steps, "run_dir": str(self.run_dir),
                    "wall_s": time.perf_counter() - start, "final": last}
-        if self.eval_sets:
+        if self.eval_sets or self.icl:
             summary["eval"] = self._log_eval(t.steps)
         self.log.log({"event": "end", "step": t.steps, "wall_s": summary["wall_s"]})
         return summary
@@ -530,13 +536,47 @@ class Trainer:
 
     def _log_eval(self, step: int) -> dict[str, float]:
         res = self.evaluate()
-        self.log.log({"event": "eval", "step": step, **{f"eval_loss_{k}": v for k, v in res.items()}})
-        self.log.print(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
-        return res
+        icl = self.evaluate_icl() if self.icl else {}
+        self.log.log({"event": "eval", "step": step, **{f"eval_loss_{k}": v for k, v in res.items()}, **icl})
+        self.log.print(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in {**res, **icl}.items()
+                                                             if not k.startswith("icl/task/")))
+        return {**res, **icl}
+
+    def _icl_tasks(self):
+        """eval.icl_tasks, read and checked now: a bad task file stops the run before it starts."""
+        if not self.cfg.eval.icl_tasks:
+            return None
+        from dbrx.eval import icl
+
+        specs = icl.select_tasks(self.cfg.eval.icl_tasks)
+        checked = icl.check_tasks(specs)
+        if checked[1]:
+            raise ValueError(f"eval.icl_tasks: {checked[1][0].error}")
+        return specs, checked
+
+    @torch.no_grad()
+    def evaluate_icl(self) -> dict[str, float]:
+        """The ICL tasks' accuracies and Gauntlet scores: icl/task/<label>, icl/<category>, icl/overall."""
+        from dbrx.eval import gauntlet, icl
+        from dbrx.tokenizer import get_tokenizer
+
+        specs, checked = self.icl
+        with self._autocast():
+            report = icl.run_tasks(self.model, get_tokenizer(), specs, limit=self.cfg.eval.icl_limit,
+                                   checked=checked)
+        self.model.train()
+        for f in report.failures:
+            self.log.print(f"ICL task {f.label} failed: {f.error}")
+        res = gauntlet.score(report.results)
+        out = {f"icl/task/{k}": r["accuracy"] for k, r in res["tasks"].items()}
+        out.update({f"icl/{c}": v["score"] for c, v in res["categories"].items()})
+        out["icl/overall"] = res["overall"]
+        return out
 
     # ---- the end ------------------------------------------------------------------------------------------
     def export(self, out: str | os.PathLike | None = None) -> Path | None:
-        """Write the trained model in the Hugging Face layout; returns `out` (None on ranks other than 0).
+        """Write the trained model in the Hugging Face layout (with LoRA: the adapter, in PEFT's format); returns
+        `out` (None on ranks other than 0).
 
         Under FSDP (call on every rank) nothing is gathered: the ranks write a sharded checkpoint of this step
         (unless the last save was of it) and rank 0 converts it tensor by tensor. With checkpoints off
@@ -544,7 +584,13 @@ class Trainer:
         """
         out = Path(out) if out else self.run_dir / "final"
         self._full = None
-        if not self.dist.distributed:
+        if self.cfg.lora is not None:  # the adapter in PEFT's format (gathered from the ranks), not a model
+            from dbrx.lora import save_adapter
+
+            save_adapter(self.model, out, self.cfg.lora, base_model=str(resolve_path(self.cfg.model.checkpoint)),
+                         write=self.dist.is_main)
+            fsdp.barrier()
+        elif not self.dist.distributed:
             self.model.save_pretrained(out)
         else:
             step = self.loader.step
@@ -563,7 +609,7 @@ class Trainer:
             if temporary:
                 self._last_save = None
         self._exported = out
-        self.log.print(f"saved the model to {out}")
+        self.log.print(f"saved the {'adapter' if self.cfg.lora is not None else 'model'} to {out}")
         return out if self.dist.is_main else None
 
     def unsharded_model(self) -> DbrxForCausalLM | None:
@@ -576,7 +622,13 @@ class Trainer:
         if getattr(self, "_full", None) is None:
             if getattr(self, "_exported", None) is None:
                 raise RuntimeError("unsharded_model() of a sharded model needs export() first")
-            self._full = DbrxForCausalLM.from_pretrained(self._exported, dtype=torch.float32, device="cpu")
+            if self.cfg.lora is not None:  # the base with the exported adapter
+                from dbrx.lora import load_adapter
+
+                base = DbrxForCausalLM.from_pretrained(resolve_path(self.cfg.model.checkpoint), dtype=torch.float32)
+                self._full = load_adapter(base, self._exported).eval()
+            else:
+                self._full = DbrxForCausalLM.from_pretrained(self._exported, dtype=torch.float32, device="cpu")
         return self._full
 
     def sample(self) -> str | None:

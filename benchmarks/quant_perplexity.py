@@ -1,0 +1,66 @@
+"""Held-out perplexity of a trained checkpoint, float against int8 and int4 (dbrx.quant), on the demo corpus.
+
+    dbrx pretrain && python benchmarks/quant_perplexity.py runs/demo/final
+
+The held-out documents are the trainer's (split_documents with the demo config's eval fraction 0.02 and seed 0, over
+the prepared text and code streams in ~/.cache/dbrx/prepared); each stream is cut into --windows windows of
+--seq-len tokens (documents packed, attention within documents). Quantized: attention, experts and the LM head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dbrx import DbrxForCausalLM
+from dbrx.quant import quantize_model
+from dbrx.train.data import PackedSequences, TokenDataset, split_documents
+
+
+@torch.no_grad()
+def perplexity(model, windows) -> float:
+    total, n = 0.0, 0
+    for tokens, doc_ids in windows:
+        ids, docs = torch.as_tensor(tokens)[None].long(), torch.as_tensor(doc_ids)[None].long()  # (1, T+1)
+        logits = model(ids[:, :-1], doc_ids=docs[:, :-1])  # (1, T, V)
+        keep = docs[0, 1:] == docs[0, :-1]  # no target across a document boundary
+        loss = F.cross_entropy(logits[0].float(), ids[0, 1:], reduction="none")[keep]
+        total, n = total + float(loss.sum()), n + int(keep.sum())
+    return math.exp(total / n)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", help="a float checkpoint directory (e.g. runs/demo/final)")
+    ap.add_argument("--streams", nargs="+", default=None,
+                    help="prepared stream directories (default: every one in ~/.cache/dbrx/prepared)")
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=128)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    base = DbrxForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    d = base.config.d_model
+    models = {"fp32": base, "int8": quantize_model(copy.deepcopy(base), 8, None, ("attn", "experts", "lm_head"))}
+    for g in (32, 64, 128):
+        if d % g == 0:
+            models[f"int4 g{g}"] = quantize_model(copy.deepcopy(base), 4, g, ("attn", "experts", "lm_head"))
+    out = {}
+    for stream in map(Path, args.streams or sorted((Path.home() / ".cache/dbrx/prepared").glob("*-*"))):
+        ds = TokenDataset(stream)
+        _, held = split_documents(ds.num_documents, 0.02, 0)
+        packed = PackedSequences(ds, args.seq_len + 1, seed=0, documents=held)
+        windows = [packed.next() for _ in range(args.windows)]
+        ppl = {k: perplexity(m, windows) for k, m in models.items()}
+        out[stream.name] = {k: {"ppl": round(v, 3), "rise_pct": round(100 * (v / ppl["fp32"] - 1), 2)}
+                            for k, v in ppl.items()}
+        print(json.dumps({stream.name: out[stream.name]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

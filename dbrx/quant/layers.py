@@ -1,0 +1,169 @@
+"""Quantized modules that replace the model's float ones at run time: Linear, Embedding and the stacked experts.
+
+They hold the weights in the kernels' layouts (dbrx.quant.formats) and are built from the checkpoint layout
+(`from_quantized`), so a model quantized in memory and one loaded from a quantized checkpoint are the same.
+Activations meet the weights in bf16 (the dtype torch's CPU kernels are fast in) and leave in the model's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels.experts import sort_by_expert
+from .formats import SCALE_DTYPE, dequantize_int4_rows, int4_kernel_layout, int4_mm, int8_mm
+
+
+def _check_cpu(t: torch.Tensor) -> None:
+    if t.device.type != "cpu":
+        raise ValueError(f"quantized layers run on the CPU only for now (torch's CPU weight-only kernels); got a "
+                         f"tensor on {t.device}")
+
+
+class _QuantMatmul(nn.Module):
+    """x (M, in) @ W^T for one quantized matrix W (out, in), or for matrix e of a stack of them (E, out, in)."""
+
+    def __init__(self, bits: int, group_size: int | None, in_features: int, out_features: int):
+        super().__init__()
+        self.bits, self.group_size = bits, group_size
+        self.in_features, self.out_features = in_features, out_features
+
+    def _set(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
+        """From the checkpoint layout, (E?, out, in | in/2) + scale (+ zero); one matrix at a time for int4."""
+        _check_cpu(q)
+        if self.bits == 8:
+            self.register_buffer("weight", q.contiguous())  # (E?, out, in) int8
+            self.register_buffer("weight_scale", scale.to(SCALE_DTYPE).contiguous())  # (E?, out)
+            return
+        if q.dim() == 2:
+            w, sz = int4_kernel_layout(q, scale, zero, self.in_features, self.group_size)
+        else:
+            pairs = [int4_kernel_layout(q[e], scale[e], zero[e], self.in_features, self.group_size)
+                     for e in range(q.shape[0])]
+            w, sz = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        self.register_buffer("weight", w)  # (E?, Np, Kp/2) uint8 in torch's int4 kernel order
+        self.register_buffer("weight_scales_and_zeros", sz.to(SCALE_DTYPE))  # (E?, ng, Np, 2)
+
+    def mm(self, x: torch.Tensor, e: int | None = None) -> torch.Tensor:
+        """x (M, in) in SCALE_DTYPE -> (M, out) in SCALE_DTYPE."""
+        if self.bits == 8:
+            w, s = (self.weight, self.weight_scale) if e is None else (self.weight[e], self.weight_scale[e])
+            return int8_mm(x, w, s)
+        w, sz = self.weight, self.weight_scales_and_zeros
+        if e is not None:
+            w, sz = w[e], sz[e]
+        return int4_mm(x, w, sz, self.group_size, self.out_features)
+
+
+class QuantLinear(_QuantMatmul):
+    """A bias-free nn.Linear with an int8 (per output row) or int4 (group-wise) weight."""
+
+    @classmethod
+    def from_quantized(cls, bits: int, group_size: int | None, in_features: int, q: torch.Tensor,
+                       scale: torch.Tensor, zero: torch.Tensor | None = None) -> QuantLinear:
+        m = cls(bits, group_size, in_features, q.shape[0])
+        m._set(q, scale, zero)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = self.mm(x.reshape(-1, self.in_features).to(SCALE_DTYPE))  # (M, out)
+        return y.to(x.dtype).view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{g}"
+
+
+class QuantEmbedding(nn.Module):
+    """nn.Embedding with int8 or int4 rows, kept in the checkpoint layout: a lookup dequantizes only its rows."""
+
+    def __init__(self, bits: int, group_size: int | None, q: torch.Tensor, scale: torch.Tensor,
+                 zero: torch.Tensor | None, embedding_dim: int, dtype: torch.dtype):
+        super().__init__()
+        _check_cpu(q)
+        self.bits, self.group_size, self.embedding_dim, self.dtype = bits, group_size, embedding_dim, dtype
+        self.register_buffer("weight", q)  # (V, D) int8 or (V, D/2) uint8
+        self.register_buffer("weight_scale", scale.to(SCALE_DTYPE))  # (V,) or (V, ng)
+        if zero is not None:
+            self.register_buffer("weight_zero", zero.to(SCALE_DTYPE))  # (V, ng)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        q, scale = self.weight[ids], self.weight_scale[ids]  # (..., D) or (..., D/2); (...,) or (..., ng)
+        if self.bits == 8:
+            return (q.float() * scale.float()[..., None]).to(self.dtype)
+        return dequantize_int4_rows(q, scale, self.weight_zero[ids], self.embedding_dim, self.group_size, self.dtype)
+
+
+class QuantExperts(nn.Module):
+    """The stacked GLU experts, quantized: gate and up fused in one (E, 2F, D) stack, down kept as (E, D, F).
+
+    Replaces `MoE.experts` (same call: x (N, D), router weights (N, K), expert ids (N, K) -> (N, D)). The routed
+    rows are sorted by expert and each expert that has rows runs as two kernel calls (gate/up, then down) on them;
+    at batch 1 the K chosen experts run in turn, unsorted. Each chosen expert's weights are read once, the others
+    never. torch has no grouped int8/int4 kernel for the CPU, so the batched path loops over the experts with rows
+    (at most E iterations) rather than dequantizing the stack. Measured against the alternatives (gathering the
+    chosen experts' weights per routed row and dequantizing them: 17x slower at batch 1; dequantizing each active
+    expert to fp32 for fp32 matmuls: 1.6-7x slower at 1 to 128 tokens) in benchmarks/quant_decode.py.
+    """
+
+    def __init__(self, bits: int, group_size: int | None, n_experts: int, ffn: int, d_model: int):
+        super().__init__()
+        self.bits, self.group_size = bits, group_size
+        self.n_experts, self.ffn, self.d_model = n_experts, ffn, d_model
+        self.w13 = _QuantMatmul(bits, group_size, d_model, 2 * ffn)  # gate rows then up rows, per expert
+        self.w2 = _QuantMatmul(bits, group_size, ffn, d_model)  # (E, D, F): down, transposed to (out, in)
+
+    @classmethod
+    def from_quantized(cls, bits: int, group_size: int | None, w1, v1, w2) -> QuantExperts:
+        """w1, v1: (q, scale, zero) of the (E, F, D) gate and up stacks; w2: of the (E, D, F) transposed down stack."""
+        E, F_, D = w1[0].shape[0], w1[0].shape[1], w2[0].shape[1]
+        m = cls(bits, group_size, E, F_, D)
+        cat = [None if a is None else torch.cat((a, b), dim=1) for a, b in zip(w1, v1)]  # (E, 2F, ...)
+        m.w13._set(*cat)
+        m.w2._set(*w2)
+        return m
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, backend: str = "auto",
+                recompute: bool = False) -> torch.Tensor:
+        """x (N, D), router weights (N, K) fp32, expert ids (N, K) -> (N, D) in x's dtype. `backend` and
+        `recompute` belong to the float experts (training) and are ignored here."""
+        N, K = idx.shape
+        xb = x.to(SCALE_DTYPE)
+        if N == 1:  # decode: the K chosen experts in turn, no sort, few ops (this path is dispatch-bound)
+            y = torch.zeros(1, self.d_model, dtype=torch.float32)
+            for e, p in zip(idx[0].tolist(), weights[0].tolist()):
+                gu = self.w13.mm(xb, e)  # (1, 2F) bf16
+                h = F.silu(gu[:, : self.ffn]).mul_(gu[:, self.ffn:])  # (1, F)
+                y.add_(self.w2.mm(h, e), alpha=p)
+            return y.to(x.dtype)
+        return self._sorted(xb, weights, idx).to(x.dtype)
+
+    def _expert(self, xs: torch.Tensor, e: int) -> torch.Tensor:
+        """xs (r, D) bf16 through expert e -> (r, D) fp32 (the GLU in fp32 between the two kernel calls)."""
+        gu = self.w13.mm(xs, e).float()  # (r, 2F)
+        h = F.silu(gu[:, : self.ffn]) * gu[:, self.ffn:]  # (r, F)
+        return self.w2.mm(h.to(SCALE_DTYPE), e).float()  # (r, D)
+
+    def _sorted(self, xb, weights, idx):
+        """The batched path: routed rows sorted by expert, one pair of kernel calls per expert with rows."""
+        N, K = idx.shape
+        order, inverse, ends = sort_by_expert(idx, self.n_experts)  # (R,), (R,), (E,)
+        counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()  # host sync (free on the CPU)
+        xs = xb[order // K]  # (R, D) routed rows in expert order
+        rows = torch.empty(N * K, self.d_model, dtype=torch.float32)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                rows[start:start + c] = self._expert(xs[start:start + c], e)
+                start += c
+        rows.mul_(weights.reshape(-1)[order].float()[:, None])
+        return rows[inverse].view(N, K, self.d_model).sum(1)  # (N, D)
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return f"experts={self.n_experts}, ffn={self.ffn}, d_model={self.d_model}, bits={self.bits}{g}"
+
+
+__all__ = ["QuantLinear", "QuantEmbedding", "QuantExperts"]
