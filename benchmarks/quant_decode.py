@@ -62,8 +62,8 @@ def _dequant_loop(q: QuantExperts, x, weights, idx):
     y = torch.zeros(N, q.d_model)
     for e in idx.unique().tolist():
         n, k = (idx == e).nonzero(as_tuple=True)
-        w13 = q.w13.weight[e].float() * q.w13.weight_scale[e].float()[:, None]  # (2F, D)
-        w2 = q.w2.weight[e].float() * q.w2.weight_scale[e].float()[:, None]  # (D, F)
+        w13 = q.w13.qweight[e].float() * q.w13.weight_scale[e].float()[:, None]  # (2F, D)
+        w2 = q.w2.qweight[e].float() * q.w2.weight_scale[e].float()[:, None]  # (D, F)
         gu = x[n] @ w13.T
         h = F.silu(gu[:, : q.ffn]) * gu[:, q.ffn:]
         y.index_add_(0, n, (h @ w2.T) * weights[n, k][:, None])
@@ -76,9 +76,9 @@ def _gather(q: QuantExperts, x, weights, idx):
     N, K = idx.shape
     sel = idx.reshape(-1)  # (R,)
     xs = x[:, None].expand(N, K, q.d_model).reshape(N * K, q.d_model, 1)  # (R, D, 1)
-    gu = torch.bmm(q.w13.weight[sel].float(), xs)[..., 0] * q.w13.weight_scale[sel].float()  # (R, 2F)
+    gu = torch.bmm(q.w13.qweight[sel].float(), xs)[..., 0] * q.w13.weight_scale[sel].float()  # (R, 2F)
     h = F.silu(gu[:, : q.ffn]) * gu[:, q.ffn:]  # (R, F)
-    y = torch.bmm(q.w2.weight[sel].float(), h[..., None])[..., 0] * q.w2.weight_scale[sel].float()  # (R, D)
+    y = torch.bmm(q.w2.qweight[sel].float(), h[..., None])[..., 0] * q.w2.weight_scale[sel].float()  # (R, D)
     return (y.view(N, K, -1) * weights[..., None]).sum(1)
 
 

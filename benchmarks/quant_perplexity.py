@@ -4,7 +4,8 @@
 
 The held-out documents are the trainer's (split_documents with the demo config's eval fraction 0.02 and seed 0, over
 the prepared text and code streams in ~/.cache/dbrx/prepared); each stream is cut into --windows windows of
---seq-len tokens (documents packed, attention within documents). Quantized: attention, experts and the LM head.
+--seq-len tokens (documents packed, attention within documents). Quantized: --targets (default attention, experts
+and the LM head); int4 in each --groups size that divides d_model.
 """
 
 from __future__ import annotations
@@ -42,14 +43,17 @@ def main() -> None:
                     help="prepared stream directories (default: every one in ~/.cache/dbrx/prepared)")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--targets", default="attn,experts,lm_head", help="quantized parts (dbrx.quant.TARGETS)")
+    ap.add_argument("--groups", default="32,64,128", help="int4 group sizes to try")
     args = ap.parse_args()
+    targets = tuple(args.targets.split(","))
     torch.set_num_threads(1)
     base = DbrxForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     d = base.config.d_model
-    models = {"fp32": base, "int8": quantize_model(copy.deepcopy(base), 8, None, ("attn", "experts", "lm_head"))}
-    for g in (32, 64, 128):
+    models = {"fp32": base, "int8": quantize_model(copy.deepcopy(base), 8, None, targets)}
+    for g in map(int, args.groups.split(",")):
         if d % g == 0:
-            models[f"int4 g{g}"] = quantize_model(copy.deepcopy(base), 4, g, ("attn", "experts", "lm_head"))
+            models[f"int4 g{g}"] = quantize_model(copy.deepcopy(base), 4, g, targets)
     out = {}
     for stream in map(Path, args.streams or sorted((Path.home() / ".cache/dbrx/prepared").glob("*-*"))):
         ds = TokenDataset(stream)
@@ -59,7 +63,7 @@ def main() -> None:
         ppl = {k: perplexity(m, windows) for k, m in models.items()}
         out[stream.name] = {k: {"ppl": round(v, 3), "rise_pct": round(100 * (v / ppl["fp32"] - 1), 2)}
                             for k, v in ppl.items()}
-        print(json.dumps({stream.name: out[stream.name]}), flush=True)
+        print(json.dumps({stream.name: out[stream.name], "targets": list(targets)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -287,3 +287,213 @@ def _estimate(kind, cfg, preset, overrides, batch, seq_len, dtype, torch_dtype, 
         estimated_peak_memory_gb=(est["peak"] + optim_bytes) / gb,
         largest_at_peak=[f"{t['bytes'] / gb:.2f} GB {t['tensor']}" for t in est["at_peak"]],
     )
+
+
+# ---- decode -----------------------------------------------------------------------------------------------------
+DECODE_DOC = """`dbrx bench decode`: greedy decoding, ms per step, tokens/s and the weight bandwidth it implies.
+
+The model: a preset with overrides (random weights, seed), or a checkpoint directory (float or quantized, through
+dbrx.loading); `--bits 8|4` quantizes it in memory (dbrx.quant: attention, experts and the LM head by default).
+Each batch size runs a random prompt of --prompt-len tokens through prefill, then --new-tokens greedy decode steps,
+timed (prefill excluded), through the model's own contiguous KV cache (`setup_cache`, one forward of (B, 1) tokens
+per step with `cache_pos`): at batch 1 on the CPU this direct loop measured faster than the serving engine's
+paged step. `--compile` runs the decode step under torch.compile with static shapes (compiled in the warm-up round,
+which is not timed). The median over --rounds is reported. bandwidth_gb_s = weight bytes read per step / step time,
+where a step reads every weight once except the experts, of which only the active ones count (top_k per layer at
+batch 1; the expected number of distinct experts under uniform routing, E * (1 - (1 - k/E)^B), at batch B), and the
+embedding, of which B rows count; KV-cache reads are not counted.
+With `--compare transformers` (float weights only), transformers' DbrxForCausalLM with the same config and weights
+runs `generate` (greedy, the same prompt, KV cache) in the same rounds, alternating with ours; its step time is
+(time of 1 + N new tokens - time of 1 new token) / N. `same_tokens` is the share of greedy tokens it agrees on."""
+
+
+def _expected_active_experts(n_experts: int, top_k: int, batch: int) -> float:
+    return float(top_k) if batch == 1 else n_experts * (1 - (1 - top_k / n_experts) ** batch)
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    from .model import KVCache
+
+    total = sum(t.numel() * t.element_size() for t in module.parameters(recurse=False))
+    total += 0 if isinstance(module, KVCache) else sum(t.numel() * t.element_size()
+                                                       for t in module.buffers(recurse=False))
+    return total + sum(_module_bytes(m) for m in module.children())
+
+
+def decode_weight_bytes(model, batch: int) -> dict:
+    """Bytes of weights a decode step of `batch` sequences reads (see DECODE_DOC), and the model's weight bytes."""
+    cfg = model.config
+    f = cfg.ffn_config
+    total = _module_bytes(model)
+    experts = sum(_module_bytes(b.ffn.experts) for b in model.transformer.blocks)
+    wte = _module_bytes(model.transformer.wte)
+    active = _expected_active_experts(f.moe_num_experts, f.moe_top_k, batch) / f.moe_num_experts
+    per_step = total - experts - wte + experts * active + wte * min(1.0, batch / cfg.vocab_size)
+    return dict(weight_bytes=total, weight_bytes_per_step=int(per_step))
+
+
+def decode_step(model, tok: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """One greedy step through the contiguous KV cache: tok (B, 1), mask (B, Tmax), pos (1,) -> next ids (B,)."""
+    return model(tok, attention_mask=mask, cache_pos=pos)[:, -1].argmax(-1)
+
+
+def compiled_decode_step(model):
+    """`decode_step` of `model` under torch.compile with static shapes (one graph per batch size and cache length)."""
+    return torch.compile(lambda tok, mask, pos: decode_step(model, tok, mask, pos), dynamic=False)
+
+
+@torch.no_grad()
+def decode_greedy(model, prompt: torch.Tensor, new_tokens: int, step=None) -> tuple[torch.Tensor, float]:
+    """prompt (B, P) -> greedy tokens (B, new_tokens + 1) (the prefill's, then one per step) and the seconds of the
+    `new_tokens` decode steps, through the model's contiguous KV cache; `step` (tok, mask, pos) -> ids replaces
+    `decode_step` (e.g. `compiled_decode_step(model)`)."""
+    B, P = prompt.shape
+    dev = prompt.device
+    step = step or (lambda tok, mask, pos: decode_step(model, tok, mask, pos))
+    model.setup_cache(B, P + new_tokens + 1)
+    try:
+        mask = torch.ones(B, P + new_tokens + 1, dtype=torch.long, device=dev)
+        tok = model(prompt, attention_mask=mask, cache_pos=torch.arange(P, device=dev))[:, -1].argmax(-1)  # (B,)
+        out = [tok]
+        positions = torch.arange(P, P + new_tokens, device=dev)
+        _sync(dev)
+        t0 = time.perf_counter()
+        for i in range(new_tokens):
+            tok = step(tok[:, None], mask, positions[i:i + 1])
+            out.append(tok)
+        _sync(dev)
+        seconds = time.perf_counter() - t0
+    finally:
+        model.clear_cache()
+    return torch.stack(out, dim=1), seconds
+
+
+@torch.no_grad()
+def _hf_greedy(hf, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
+    """transformers' generate: (B, new_tokens + 1) tokens and the seconds of `new_tokens` decode steps (the time of
+    generating 1 + new_tokens tokens less that of generating 1)."""
+    def gen(n):
+        _sync(prompt.device)
+        t0 = time.perf_counter()
+        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0)
+        _sync(prompt.device)
+        return out[:, prompt.shape[1]:], time.perf_counter() - t0
+
+    _, t1 = gen(1)
+    toks, tn = gen(new_tokens + 1)
+    return toks, tn - t1
+
+
+def run_decode_bench(
+    preset: str = "dbrx-tiny",
+    overrides: dict | None = None,
+    model_dir: str | None = None,
+    batches: tuple[int, ...] = (1,),
+    prompt_len: int = 16,
+    new_tokens: int = 32,
+    dtype: str | None = None,
+    bits: int | None = None,
+    group_size: int | None = None,
+    quant_targets: tuple[str, ...] = ("attn", "experts", "lm_head"),
+    threads: int | None = None,
+    rounds: int = 3,
+    device: str | None = None,
+    compare: str | None = None,
+    seed: int = 0,
+    compile: bool = False,
+) -> dict:
+    """Benchmark greedy decoding (DECODE_DOC); returns the report."""
+    from .config import DbrxConfig
+    from .model import DbrxForCausalLM
+
+    if compare not in (None, "transformers"):
+        raise ValueError(f"--compare supports only 'transformers', got {compare!r}")
+    if not batches or any(not isinstance(b, int) or b < 1 for b in batches):
+        raise ValueError(f"--batch sizes must be positive integers, got {list(batches)}")
+    for name, value in (("prompt-len", prompt_len), ("new-tokens", new_tokens), ("rounds", rounds)):
+        if value < 1:
+            raise ValueError(f"--{name} must be positive, got {value}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be positive, got {threads}")
+    if bits is None and group_size is not None:
+        raise ValueError("--group-size needs --bits 4")
+    if compare and bits is not None:
+        raise ValueError("--compare transformers runs on float weights only: drop --bits")
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        if model_dir is not None:
+            from .hf_checkpoint import quantization_config
+            from .loading import load_pretrained
+
+            if overrides:
+                raise ValueError("overrides apply to presets only, not to a checkpoint directory (--model)")
+            quantized_ckpt = quantization_config(model_dir) is not None
+            if quantized_ckpt and (bits is not None or compare):
+                raise ValueError(f"{model_dir} is a quantized checkpoint: drop --bits and --compare")
+            model = load_pretrained(model_dir, device=device, dtype=dtype)
+            cfg = model.config
+        else:
+            cfg = DbrxConfig.from_preset(preset, **(overrides or {}))
+            dev = resolve_device(device)
+            torch_dtype = parse_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+            model = DbrxForCausalLM.from_config(cfg, device=dev, dtype=torch_dtype, seed=seed).eval()
+        dev = model.transformer.norm_f.weight.device
+        torch_dtype = model.transformer.norm_f.weight.dtype
+        if prompt_len + new_tokens + 1 > cfg.max_seq_len:
+            raise ValueError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} + 1 exceeds max_seq_len "
+                             f"{cfg.max_seq_len}")
+        hf = transformers_model(model, dev, torch_dtype).eval() if compare == "transformers" else None
+        if bits is not None:
+            from .quant import quantize_model
+            from .quant.layers import check_device
+
+            check_device(dev)  # the CPU, or CUDA with Triton
+            quantize_model(model, bits, group_size, quant_targets)
+        spec = getattr(model, "quantization", None)
+        report = dict(
+            bench="decode", preset=None if model_dir else preset, overrides=overrides or {}, model=model_dir,
+            dtype=str(torch_dtype).removeprefix("torch."), device=str(dev),
+            device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            quantization=spec.to_json() if spec is not None else None, threads=torch.get_num_threads(),
+            prompt_len=prompt_len, new_tokens=new_tokens, rounds=rounds, torch=torch.__version__,
+            date=datetime.date.today().isoformat(), loop="direct (contiguous KV cache)", compile=compile, results=[],
+        )
+        gen = torch.Generator().manual_seed(seed)
+        step_fn = compiled_decode_step(model) if compile else None
+        for B in batches:
+            prompt = torch.randint(0, cfg.vocab_size, (B, prompt_len), generator=gen).to(dev)
+            contenders = {"ours": lambda: decode_greedy(model, prompt, new_tokens, step_fn)}
+            if hf is not None:
+                contenders["transformers"] = lambda: _hf_greedy(hf, prompt, new_tokens)
+            for fn in contenders.values():  # warm-up round
+                fn()
+            times: dict[str, list[float]] = {k: [] for k in contenders}
+            tokens = {}
+            for _ in range(rounds):
+                for k, fn in contenders.items():  # alternating
+                    tokens[k], t = fn()
+                    times[k].append(t)
+            wb = decode_weight_bytes(model, B)
+            row = dict(batch=B, **wb)
+            for k in contenders:
+                step = statistics.median(times[k]) / new_tokens
+                entry = dict(ms_per_step=step * 1e3, tokens_per_s=B / step,
+                             bandwidth_gb_s=wb["weight_bytes_per_step"] / step / 1e9)
+                if k == "ours":
+                    row.update(entry)
+                else:
+                    row[k] = entry
+            if hf is not None:
+                row["ratio_tokens_per_s"] = row["tokens_per_s"] / row["transformers"]["tokens_per_s"]
+                row["same_tokens"] = float((tokens["ours"] == tokens["transformers"]).float().mean())
+            report["results"].append(row)
+        if hf is not None:
+            import transformers
+
+            report["transformers_version"] = transformers.__version__
+        return report
+    finally:
+        torch.set_num_threads(old_threads)

@@ -1,7 +1,7 @@
 """Load any checkpoint `dbrx` writes, float or quantized, as the verbs, the evaluation harness and Python callers
 want it: the device checked before anything is read, eval mode, the default dtype by device.
 
-Imports: dbrx.devices, dbrx.hf_checkpoint, dbrx.model, dbrx.quant.
+Imports: dbrx.devices, dbrx.hf_checkpoint, dbrx.model, dbrx.quant, dbrx.lora (adapters).
 """
 
 from __future__ import annotations
@@ -16,21 +16,41 @@ from .model import DbrxForCausalLM
 
 
 def load_pretrained(path: str | os.PathLike, device: str | torch.device | None = None,
-                    dtype: str | torch.dtype | None = None, allow_nonfinite: bool = False) -> torch.nn.Module:
+                    dtype: str | torch.dtype | None = None, allow_nonfinite: bool = False,
+                    adapter: str | os.PathLike | None = None) -> torch.nn.Module:
     """A checkpoint directory -> the model in eval mode.
 
     Float checkpoints: device default cuda when available, dtype default bf16 on GPU and fp32 on the CPU.
     Quantized checkpoints (`quantization_config` in config.json, written by `dbrx quantize`): the CPU kernels of
-    dbrx.quant, device default cpu, activations in `dtype` (default fp32)."""
+    dbrx.quant, device default cpu, activations in `dtype` (default fp32).
+    adapter: a PEFT-format LoRA adapter directory (as `dbrx finetune` with `lora.*` writes it, or PEFT for
+    transformers' DbrxForCausalLM), applied unmerged on top of the base, float or quantized. It is read and checked
+    against the base's config before the base is loaded; its factors are kept in fp32 on a quantized base, in the
+    base's dtype otherwise."""
+    factors = None
+    if adapter is not None and os.path.isfile(os.path.join(path, "config.json")):
+        factors = _read_adapter(path, adapter)  # a bad adapter fails before the (large) base is read
     if quantization_config(path) is not None:
         from .quant import load_quantized
 
-        return load_quantized(path, dtype=parse_dtype(dtype), device=device or "cpu",
-                              allow_nonfinite=allow_nonfinite).eval()
-    dev = resolve_device(device)
-    torch_dtype = parse_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    return DbrxForCausalLM.from_pretrained(path, dtype=torch_dtype, device=dev,
-                                           allow_nonfinite=allow_nonfinite).eval()
+        model = load_quantized(path, dtype=parse_dtype(dtype), device=device or "cpu",
+                               allow_nonfinite=allow_nonfinite)
+    else:
+        dev = resolve_device(device)
+        torch_dtype = parse_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        model = DbrxForCausalLM.from_pretrained(path, dtype=torch_dtype, device=dev, allow_nonfinite=allow_nonfinite)
+    if adapter is not None:
+        from .lora.peft_format import attach_factors
+
+        attach_factors(model, factors if factors is not None else _read_adapter(path, adapter, model.config))
+    return model.eval()
+
+
+def _read_adapter(path, adapter, cfg=None):
+    from .config import DbrxConfig
+    from .lora.peft_format import read_peft
+
+    return read_peft(adapter, cfg or DbrxConfig.load(os.path.join(path, "config.json")))
 
 
 __all__ = ["load_pretrained"]

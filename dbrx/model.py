@@ -143,7 +143,12 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: DbrxConfig):
         super().__init__()
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if torch.empty(0).is_meta:  # built on the meta device (from_pretrained): skip nn.Embedding's own init, whose
+            # normal_ on meta tensors imports torch._dynamo (seconds at startup); the weights are assigned next anyway
+            self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model,
+                                    _weight=nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model)))
+        else:
+            self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm_f = nn.LayerNorm(cfg.d_model, bias=False)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dbrx.bench import active_matmul_params, run_bench, transformers_model
+from dbrx.bench import active_matmul_params, decode_greedy, run_bench, run_decode_bench, transformers_model
 from dbrx.cli import main
 from dbrx.config import DbrxConfig
 from dbrx.kernels import experts
@@ -177,3 +177,126 @@ def test_gpu_memory_estimate_close_to_measured(kind):
     est = run_bench(kind, "dbrx-tiny", estimate_memory=True, **kw)["estimated_peak_memory_gb"]
     measured = run_bench(kind, "dbrx-tiny", device="cuda", steps=1, warmup=1, **kw)["peak_memory_gb"]
     assert 0.8 < measured / est < 1.25, (measured, est)
+
+
+# ---- decode -----------------------------------------------------------------------------------------------------
+DECODE = dict(overrides=SMALL, prompt_len=6, new_tokens=4, rounds=1, threads=1)
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _step_fields(entry):
+    _positive(entry, "ms_per_step", "tokens_per_s", "bandwidth_gb_s")
+
+
+def _decode_bytes(cfg, batch, weight_bytes):
+    """Bytes a decode step reads, from the config: everything but the experts and the embedding, the expected
+    distinct experts' share, B embedding rows (4 bytes per fp32 weight)."""
+    f = cfg.ffn_config
+    E, K, D, V = f.moe_num_experts, f.moe_top_k, cfg.d_model, cfg.vocab_size
+    experts = cfg.n_layers * 3 * E * f.ffn_hidden_size * D * 4
+    active = K if batch == 1 else E * (1 - (1 - K / E) ** batch)
+    return weight_bytes - experts - V * D * 4 + experts * active / E + batch * D * 4
+
+
+def test_decode_report_and_bandwidth():
+    r = run_decode_bench("dbrx-tiny", batches=(1, 3), dtype="fp32", **DECODE)
+    cfg = DbrxConfig.from_preset("dbrx-tiny", **SMALL)
+    assert r["bench"] == "decode" and r["quantization"] is None and r["threads"] == 1 and r["dtype"] == "float32"
+    assert [row["batch"] for row in r["results"]] == [1, 3]
+    n_params = sum(p.numel() for p in DbrxForCausalLM.from_config(cfg, device="meta").parameters())
+    for row in r["results"]:
+        _step_fields(row)
+        assert row["weight_bytes"] == 4 * n_params
+        assert row["weight_bytes_per_step"] == pytest.approx(_decode_bytes(cfg, row["batch"], 4 * n_params), abs=1)
+        assert row["tokens_per_s"] == pytest.approx(row["batch"] * 1e3 / row["ms_per_step"])
+        assert row["bandwidth_gb_s"] == pytest.approx(row["weight_bytes_per_step"] / row["ms_per_step"] / 1e6)
+
+
+def test_decode_greedy_equals_full_recompute(one_thread):
+    """The timed loop's tokens: each the argmax of a full forward over everything so far (no cache)."""
+    cfg = DbrxConfig.from_preset("dbrx-tiny", **SMALL)
+    model = DbrxForCausalLM.from_config(cfg, seed=0).eval()
+    prompt = torch.randint(0, 512, (2, 5), generator=torch.Generator().manual_seed(1))
+    toks, seconds = decode_greedy(model, prompt, 4)
+    assert toks.shape == (2, 5) and seconds > 0
+    ids = prompt
+    with torch.no_grad():
+        for i in range(5):
+            nxt = model(ids)[:, -1].argmax(-1)
+            assert torch.equal(nxt, toks[:, i])
+            ids = torch.cat((ids, nxt[:, None]), dim=1)
+
+
+@pytest.mark.parametrize("bits, group", [(8, None), (4, 32)])
+def test_decode_quantized_in_memory_reads_fewer_bytes(bits, group):
+    fp = run_decode_bench("dbrx-tiny", dtype="fp32", **DECODE)["results"][0]
+    r = run_decode_bench("dbrx-tiny", bits=bits, group_size=group, **DECODE)
+    assert r["quantization"]["bits"] == bits and r["quantization"]["modules"] == ["attn", "experts", "lm_head"]
+    row = r["results"][0]
+    _step_fields(row)
+    assert row["weight_bytes_per_step"] < fp["weight_bytes_per_step"] / (2.5 if bits == 8 else 4)
+
+
+def test_decode_checkpoint_dirs_and_transformers(tmp_path):
+    pytest.importorskip("transformers")
+    from dbrx.quant import save_quantized
+
+    cfg = DbrxConfig.from_preset("dbrx-tiny", **SMALL)
+    model = DbrxForCausalLM.from_config(cfg, seed=0)
+    model.save_pretrained(tmp_path / "float")
+    save_quantized(model, tmp_path / "q8", bits=8)
+    kw = {k: v for k, v in DECODE.items() if k != "overrides"}
+    r = run_decode_bench(model_dir=str(tmp_path / "float"), compare="transformers", **kw)
+    row = r["results"][0]
+    _step_fields(row)
+    _step_fields(row["transformers"])
+    assert row["same_tokens"] == 1.0  # fp32, the same weights: the same greedy tokens
+    assert row["ratio_tokens_per_s"] == pytest.approx(row["tokens_per_s"] / row["transformers"]["tokens_per_s"])
+    r = run_decode_bench(model_dir=str(tmp_path / "q8"), **kw)
+    assert r["quantization"]["bits"] == 8 and r["model"] == str(tmp_path / "q8")
+    with pytest.raises(ValueError, match="quantized checkpoint"):
+        run_decode_bench(model_dir=str(tmp_path / "q8"), bits=4, **kw)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(compare="vllm"), "--compare"),
+    (dict(batches=(0,)), "--batch"),
+    (dict(new_tokens=0), "--new-tokens"),
+    (dict(prompt_len=10_000), "max_seq_len"),
+    (dict(bits=8, compare="transformers"), "float weights only"),
+    (dict(group_size=32), "--group-size needs --bits 4"),
+    (dict(bits=4, group_size=48), "group size"),
+])
+def test_decode_user_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run_decode_bench("dbrx-tiny", **{**DECODE, **kwargs})
+
+
+def test_decode_cli_json_and_one_line_error(capsys):
+    rc = main(["bench", "decode", "--override", "vocab_size=256", "--batch", "1,2", "--prompt-len", "4",
+               "--new-tokens", "2", "--rounds", "1", "--threads", "1", "--bits", "8"])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["bench"] == "decode" and [row["batch"] for row in r["results"]] == [1, 2]
+    assert main(["bench", "decode", "--batch", "1,two"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--batch must be comma-separated integers" in err
+
+
+@pytest.mark.slow
+def test_decode_compiled_step_gives_the_eager_tokens(one_thread):
+    from dbrx.bench import compiled_decode_step
+
+    cfg = DbrxConfig.from_preset("dbrx-tiny", **SMALL)
+    model = DbrxForCausalLM.from_config(cfg, seed=0).eval()
+    prompt = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(1))
+    eager, _ = decode_greedy(model, prompt, 4)
+    compiled, _ = decode_greedy(model, prompt, 4, compiled_decode_step(model))
+    assert torch.equal(eager, compiled)

@@ -73,6 +73,17 @@ def test_loglikelihood_equals_a_direct_forward_per_request(model):
     assert scoring.loglikelihood(model, [([1, 2], [])]) == [scoring.Score(0.0, True, 0)]
 
 
+def test_blocked_head_equals_log_softmax_over_the_whole_vocabulary():
+    g = torch.Generator().manual_seed(3)
+    weight, x = torch.randn(130, 16, generator=g), torch.randn(9, 16, generator=g)
+    t = torch.tensor([0, 129, 7, 64, 63, 127, 128, 1, 50])
+    logits = (x.double() @ weight.double().T)
+    t[4] = int(logits[4].argmax())  # one greedy target
+    lp, hit = scoring._blocked_head(weight, x, t, block=7)  # 19 blocks, the last one short
+    assert lp.tolist() == pytest.approx(torch.log_softmax(logits, -1)[torch.arange(9), t].tolist(), abs=1e-5)
+    assert hit.tolist() == (logits.argmax(-1) == t).tolist() and bool(hit[4])
+
+
 def test_greedy_flag_on_the_models_own_greedy_continuation(model):
     ctx = [5, 9, 17]
     with torch.no_grad():
@@ -326,8 +337,12 @@ def test_bad_task_files_name_the_file_and_line(tmp_path):
     y = tmp_path / "tasks.yaml"
     y.write_text(f"icl_tasks:\n  - label: ok\n    dataset_uri: {good}\n    icl_task_type: language_modeling\n"
                  "  - label: bad\n    dataset_uri: lm.jsonl\n    icl_task_type: summarisation\n")
-    with pytest.raises(ValueError, match=r"tasks\.yaml:5: unknown icl_task_type 'summarisation' \(known: lang"):
-        icl.load_task_file(y)
+    ok, bad = icl.load_task_file(y)  # an unknown type fails its own task only, when the tasks are checked
+    items, failures = icl.check_tasks([ok, bad])
+    assert list(items) == ["ok"] and [f.label for f in failures] == ["bad"]
+    assert failures[0].error.startswith(f"{y}:5: unknown icl_task_type 'summarisation' (known: lang")
+    with pytest.raises(ValueError, match=r"tasks\.yaml:5: unknown icl_task_type"):
+        icl.run_task(None, None, bad)
     y.write_text("icl_tasks:\n  - label: x\n    dataset_uri: lm.jsonl\n    icl_task_type: language_modeling\n"
                  "    random_baseline: 1.5\n")
     with pytest.raises(ValueError, match=r"tasks\.yaml:2: random_baseline must be in \[0, 1\)"):
@@ -418,12 +433,49 @@ def test_cli_bad_input_gives_one_line_errors(checkpoint, tmp_path, capsys):
     assert err.count("\n") == 1 and "mc.jsonl:1: gold 5 is out of range" in err
     assert main(["eval", "--tasks", "demo"]) == 2
     assert "--model DIR is required" in capsys.readouterr().err
+    assert main(["eval", "--model", str(checkpoint), "--threads", "0"]) == 2
+    assert "--threads must be positive" in capsys.readouterr().err
+    assert main(["eval", "--tasks", "demo"]) == 2
+    assert "--model DIR is required" in capsys.readouterr().err
     (tmp_path / "x.json").write_text("{}")
     assert main(["eval", "--compare", str(tmp_path / "x.json"), str(tmp_path / "x.json")]) == 2
     assert "not a `dbrx eval` results file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     assert "--compare" in capsys.readouterr().out
+
+
+def test_cli_bad_tasks_fail_alone_with_one_line_each(checkpoint, tmp_path, capsys):
+    """Missing fields, a gold index out of range, an empty file and an unknown task type: each task fails with one
+    line naming its file and line; the good task still runs and its score is kept (exit status 1)."""
+    from dbrx.cli import main
+
+    _write(tmp_path, "good.jsonl", [{"query": "Pick", "choices": ["yes", "no"], "gold": 0}] * 3)
+    _write(tmp_path, "missing.jsonl", [{"query": "q", "choices": ["a", "b"], "gold": 0}, {"query": "q", "gold": 1}])
+    _write(tmp_path, "gold.jsonl", [{"query": "q", "choices": ["a", "b"], "gold": 0}] * 2 +
+           [{"query": "q", "choices": ["a", "b"], "gold": 2}])
+    (tmp_path / "empty.jsonl").write_text("")
+    mc = "icl_task_type: multiple_choice, category: world_knowledge, random_baseline: 0.5"
+    (tmp_path / "t.yaml").write_text(
+        "icl_tasks:\n"
+        f"- {{label: missing, dataset_uri: missing.jsonl, {mc}}}\n"
+        f"- {{label: good, dataset_uri: good.jsonl, {mc}}}\n"
+        f"- {{label: gold, dataset_uri: gold.jsonl, {mc}}}\n"
+        f"- {{label: empty, dataset_uri: empty.jsonl, {mc}}}\n"
+        "- {label: essay, dataset_uri: good.jsonl, icl_task_type: essay_grading}\n")
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", str(checkpoint), "--tasks", str(tmp_path / "t.yaml"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    expect = {"missing": "missing.jsonl:2: missing field(s) choices", "gold": "gold.jsonl:3: gold 2 is out of range",
+              "empty": "empty.jsonl: no items (the file is empty)", "essay": "t.yaml:6: unknown icl_task_type"}
+    for label, message in expect.items():
+        lines = [ln for ln in err if ln.startswith(f"{label}: error: ")]
+        assert len(lines) == 1 and message in lines[0], (label, err)
+    res = json.loads(out.read_text())
+    assert list(res["tasks"]) == ["good"] and res["tasks"]["good"]["n"] == 3
+    assert set(res["errors"]) == set(expect) and all(m in res["errors"][k] for k, m in expect.items())
+    acc = res["tasks"]["good"]["accuracy"]
+    assert res["categories"]["world_knowledge"]["score"] == pytest.approx((acc - 0.5) / 0.5)
 
 
 # ---- during training -------------------------------------------------------------------------------------------

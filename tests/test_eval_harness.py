@@ -40,6 +40,16 @@ def offline(tmp_path_factory):
         yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine threads that spin-wait for each other
+    make every forward many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A tiny random DBRX with the full cl100k vocabulary (max_seq_len 64: rolling windows and context cuts happen),
@@ -175,3 +185,66 @@ def test_parity_with_lm_eval_hf_model(checkpoint, request):
     assert ra["dbrx_test_gen"]["exact_match,none"] == rb["dbrx_test_gen"]["exact_match,none"]
     for key in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
         assert ra["dbrx_test_ppl"][key] == pytest.approx(rb["dbrx_test_ppl"][key], rel=1e-6)
+
+
+@torch.no_grad()
+def _direct(model, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+    """The reference: one full forward of context + continuation alone, log-softmax in float64."""
+    seq = ctx + cont
+    lp = torch.log_softmax(model(torch.tensor([seq[:-1]])).double(), -1)[0]  # (T, V)
+    pos = torch.arange(len(ctx) - 1, len(seq) - 1)
+    t = torch.tensor(cont)
+    return float(lp[pos, t].sum()), bool((lp[pos].argmax(-1) == t).all())
+
+
+def test_icl_multiple_choice_and_the_adapter_agree(checkpoint):
+    """The same zero-shot questions (mc_icl.jsonl) through dbrx's ICL `multiple_choice` type and through lm-eval with
+    the dbrx adapter (dbrx_test_mc_icl.yaml): both score each choice as a direct forward of the hand-built prompt does,
+    and each path's rule gives what the reference log-likelihoods give under that rule: llm-foundry's lowest mean
+    per-token loss (ICL accuracy), lm-eval's highest sum (acc) and highest sum per character (acc_norm)."""
+    import json
+
+    from lm_eval import simple_evaluate
+
+    from dbrx.eval import icl
+    from dbrx.eval.harness import task_manager
+    from dbrx.tokenizer import get_tokenizer
+
+    items = [json.loads(line) for line in (DATA / "mc_icl.jsonl").read_text().splitlines()]
+    tok = get_tokenizer()
+    lm = DbrxLM(pretrained=str(checkpoint), dtype="fp32", device="cpu", batch_size=8)
+    model = lm.model
+    # the reference: the prompt built by hand, each choice scored alone
+    ref = [[_direct(model, tok.encode(f"Question: {it['query']}\nAnswer:"), tok.encode(" " + c)) for c in it["choices"]]
+           for it in items]
+    n_tokens = [[len(tok.encode(" " + c)) for c in it["choices"]] for it in items]
+
+    spec = icl.TaskSpec("mc_icl", str(DATA / "mc_icl.jsonl"), "multiple_choice", num_fewshot=0,
+                        question_prelimiter="Question: ", continuation_delimiter="\nAnswer: ")
+    scores = icl.item_scores(model, tok, spec, items)
+    out = simple_evaluate(model=lm, tasks=["dbrx_test_mc_icl"], task_manager=task_manager(["dbrx_test_mc_icl"], DATA),
+                          log_samples=True)
+    adapter = [[tuple(r[0]) for r in resps] for resps in _samples(out, "dbrx_test_mc_icl")]
+    assert len(scores) == len(adapter) == len(items)
+    for it, s, a, r, n in zip(items, scores, adapter, ref, n_tokens, strict=True):
+        assert [x.n_tokens for x in s] == n
+        assert [x.logprob for x in s] == pytest.approx([lp for lp, _ in r], abs=1e-4)
+        assert [lp for lp, _ in a] == pytest.approx([lp for lp, _ in r], abs=1e-4)
+        assert [x.greedy for x in s] == [g for _, g in a] == [g for _, g in r]
+
+    def argmax(values):
+        return max(range(len(values)), key=values.__getitem__)
+
+    mean_rule = [argmax([lp / k for (lp, _), k in zip(r, n)]) == it["gold"] for it, r, n in zip(items, ref, n_tokens)]
+    sum_rule = [argmax([lp for lp, _ in r]) == it["gold"] for it, r in zip(items, ref)]
+    char_rule = [argmax([lp / len(c) for (lp, _), c in zip(r, it["choices"])]) == it["gold"]
+                 for it, r in zip(items, ref)]
+    assert icl.item_results(model, tok, spec, items) == mean_rule
+    assert icl.run_task(model, tok, spec, items)["accuracy"] == sum(mean_rule) / len(items)
+    res = out["results"]["dbrx_test_mc_icl"]
+    assert res["acc,none"] == pytest.approx(sum(sum_rule) / len(items), abs=1e-12)
+    assert res["acc_norm,none"] == pytest.approx(sum(char_rule) / len(items), abs=1e-12)
+    # the adapter's log-likelihoods under llm-foundry's rule give the ICL path's answers
+    adapter_mean = [argmax([lp / k for (lp, _), k in zip(a, n)]) == it["gold"]
+                    for it, a, n in zip(items, adapter, n_tokens)]
+    assert adapter_mean == mean_rule

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from dbrx import DbrxConfig, DbrxForCausalLM
 from dbrx.cli import main
+from dbrx.kernels.loss import linear_cross_entropy
 from dbrx.quant import load_quantized, quantize_checkpoint, quantize_model, save_quantized
 from dbrx.quant.formats import quantize_int4, quantize_int8
 from dbrx.quant.layers import QuantEmbedding, QuantExperts, QuantLinear
@@ -117,6 +118,15 @@ def test_linear_matches_dequantized_reference_and_float_within_bounds(bits, grou
     step = (torch.ones(out_f, in_f, dtype=torch.float64) * layer_scale(layer, wd, w)).double()
     bound = x.abs().double() @ (step / 2).T + 3 * BF16_EPS * (x.abs().double() @ w.abs().double().T) + 1e-6
     assert ((y.double() - x.double() @ w.double().T).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("bits, group, out_f, in_f", [(8, None, 40, 112), (4, 32, 40, 112), (4, 64, 96, 320)])
+def test_linear_weight_is_the_dequantized_matrix(bits, group, out_f, in_f):
+    _, layer, wd = _linear(bits, group, out_f, in_f)
+    w = layer.weight
+    assert w.shape == (out_f, in_f) and w.dtype == torch.float32
+    tol = 1e-7 if bits == 8 else BF16_EPS  # int4 is read back through the kernel: its bf16 outputs
+    assert ((w.double() - wd).abs() <= tol * wd.abs() + 1e-7).all()
 
 
 def layer_scale(layer, wd, w):
@@ -257,6 +267,24 @@ def test_kv_cache_decoding_runs_on_a_quantized_model(demo_model):
     q(ids[:, :5], attention_mask=mask, cache_pos=torch.arange(5))
     step = q(ids[:, 5:], attention_mask=mask, cache_pos=torch.tensor([5]))[:, -1]
     torch.testing.assert_close(step, full, rtol=0, atol=1e-2 * full.abs().max().item())
+
+
+@pytest.mark.parametrize("bits, group", [(8, None), (4, 32)])
+def test_compute_loss_on_a_quantized_model_with_its_head(demo_model, bits, group):
+    """compute_loss reads `lm_head.weight`: a quantized head dequantizes it; the loss equals the cross-entropy of the
+    quantized model's own logits (computed here directly), and gradients still reach the activations."""
+    q = quantize_model(copy.deepcopy(demo_model), bits, group, ALL)
+    ids = torch.randint(0, 4096, (2, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        logits = q(ids).double()  # (B, T, V)
+        out = q.compute_loss(ids)
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert abs(out.lm_loss.item() - ref.item()) < 2e-3 * ref.item(), (out.lm_loss.item(), ref.item())
+    assert int(out.n_tokens) == 2 * 11
+    h = q.transformer.wte(ids).requires_grad_(True)  # gradients flow through a frozen quantized head
+    hid = q.transformer.norm_f(h)
+    linear_cross_entropy(hid.reshape(-1, hid.shape[-1]), q.lm_head.weight, ids.reshape(-1)).backward()
+    assert h.grad is not None and torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------------

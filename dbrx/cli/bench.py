@@ -1,5 +1,6 @@
 """The `bench` verb and its sub-verbs: `train` and `prefill` (throughput, TFLOP/s, MFU and peak memory as JSON,
-dbrx.bench) and `serve` (an OpenAI-compatible server under load: TTFT, TPOT, ITL, throughput; dbrx.serve.loadgen)."""
+dbrx.bench), `decode` (greedy decoding: ms/step, tokens/s and weight bandwidth as JSON, float or quantized) and
+`serve` (an OpenAI-compatible server under load: TTFT, TPOT, ITL, throughput; dbrx.serve.loadgen)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import json
 import shlex
 import sys
 
+from dbrx.bench import DECODE_DOC, run_bench, run_decode_bench
 from dbrx.bench import __doc__ as bench_doc
-from dbrx.bench import run_bench
 
 from .common import parse_override_args
 
@@ -60,6 +61,30 @@ def register(subparsers) -> None:
         _add_step_args(q)
         q.set_defaults(func=run)
 
+    q = sub.add_parser("decode", help="greedy decoding: ms/step, tokens/s and weight bandwidth, float or quantized",
+                       description=DECODE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("--preset", default="dbrx-tiny", help="preset name (default dbrx-tiny; random weights)")
+    q.add_argument("--override", action="append", metavar="KEY=VALUE", help="config override, e.g. n_layers=2")
+    q.add_argument("--model", default=None, metavar="DIR",
+                   help="a checkpoint directory (float or quantized) instead of a preset")
+    q.add_argument("--batch", default="1", metavar="B1,B2", help="batch sizes, comma-separated (default 1)")
+    q.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default 16)")
+    q.add_argument("--new-tokens", type=int, default=32, help="timed decode steps (default 32)")
+    q.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default fp32 on the CPU, bf16 on GPU)")
+    q.add_argument("--bits", type=int, default=None, choices=(8, 4), help="quantize in memory (dbrx.quant)")
+    q.add_argument("--group-size", type=int, default=None, help="int4 group size (default 128 or what fits)")
+    q.add_argument("--quant-targets", default="attn,experts,lm_head", metavar="T1,T2",
+                   help="with --bits: some of attn, experts, lm_head, embedding (default attn,experts,lm_head)")
+    q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's)")
+    q.add_argument("--rounds", type=int, default=3, help="timed rounds; the median is reported (default 3)")
+    q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    q.add_argument("--compare", default=None, metavar="transformers",
+                   help="also run transformers' DbrxForCausalLM.generate on the same weights (float only)")
+    q.add_argument("--seed", type=int, default=0, help="weights and prompt seed (default 0)")
+    q.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the decode step, static shapes (default off)")
+    q.set_defaults(func=run_decode)
+
     q = sub.add_parser("serve", help="an OpenAI-compatible server under load: TTFT, TPOT, ITL, throughput",
                        description=SERVE_DOC)
     where = q.add_mutually_exclusive_group(required=True)
@@ -99,6 +124,22 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps, warmup=args.warmup, backend=args.backend, device=args.device, compare=args.compare,
         peak=args.peak_tflops, seed=args.seed, estimate_memory=args.estimate_memory, lora=_lora_config(args),
         optimizer=args.optimizer,
+    )
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    try:
+        batches = tuple(int(b) for b in args.batch.split(","))
+    except ValueError:
+        raise ValueError(f"--batch must be comma-separated integers, got {args.batch!r}") from None
+    report = run_decode_bench(
+        args.preset, overrides=parse_override_args(args.override), model_dir=args.model, batches=batches,
+        prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype=args.dtype, bits=args.bits,
+        group_size=args.group_size, quant_targets=tuple(t.strip() for t in args.quant_targets.split(",") if t.strip()),
+        threads=args.threads, rounds=args.rounds, device=args.device, compare=args.compare, seed=args.seed,
+        compile=args.compile,
     )
     print(json.dumps(report), flush=True)
     return 0

@@ -33,12 +33,15 @@ def resolve_config(name_or_dir: str, overrides: dict | None = None):
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    """--model DIR, --device, --dtype, --allow-nonfinite: loading a checkpoint for inference."""
+    """--model DIR, --device, --dtype, --allow-nonfinite, --adapter DIR: loading a checkpoint for inference."""
     p.add_argument("--model", required=required, help="checkpoint directory (Hugging Face layout)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="load weights that hold NaN or infinity (refused by default)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter in PEFT's format (as `dbrx finetune` with lora.* writes it), applied "
+                        "unmerged on top of --model (float or quantized)")
 
 
 def load_model(args):
@@ -46,4 +49,5 @@ def load_model(args):
     read."""
     from dbrx.loading import load_pretrained
 
-    return load_pretrained(args.model, device=args.device, dtype=args.dtype, allow_nonfinite=args.allow_nonfinite)
+    return load_pretrained(args.model, device=args.device, dtype=args.dtype, allow_nonfinite=args.allow_nonfinite,
+                           adapter=getattr(args, "adapter", None))

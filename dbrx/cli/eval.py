@@ -64,9 +64,13 @@ def cmd_harness(args) -> int:
         raise ValueError("--harness lm-eval needs --tasks NAMES (lm-eval task names, comma-separated)")
     device, dtype = _device_names(args)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     _log(f"dbrx eval: lm-eval tasks {', '.join(tasks)} on {args.model} ({device}, {dtype})")
     results = run_lm_eval(args.model, tasks, args.include_path, args.num_fewshot, args.limit, args.batch_size,
-                          device, dtype)
+                          device, dtype, adapter=args.adapter)
     try:
         from lm_eval.utils import make_table
 
@@ -112,6 +116,7 @@ def cmd_eval(args) -> int:
     from dbrx.tokenizer import get_tokenizer
 
     model, tok = load_model(args), get_tokenizer()
+    _set_threads(args, model)
     _log(f"dbrx eval: {len(specs) + humaneval} task(s) on {args.model} ({device}, {dtype})"
          f"{f', at most {args.limit} items each' if args.limit else ''}")
     report = icl.run_tasks(model, tok, specs, limit=args.limit, log=_log, checked=checked)
@@ -125,7 +130,8 @@ def cmd_eval(args) -> int:
         except (ValueError, OSError, RuntimeError, ImportError) as e:
             errors["humaneval"] = str(e).splitlines()[0] if str(e) else type(e).__name__
             _log(f"humaneval: error: {errors['humaneval']}")
-    meta = {"model": args.model, "tasks": args.tasks or "demo", "limit": args.limit, "device": device,
+    meta = {"model": args.model, **({"adapter": args.adapter} if args.adapter else {}),
+            "tasks": args.tasks or "demo", "limit": args.limit, "device": device,
             "dtype": dtype, "dbrx_version": __import__("dbrx").__version__,
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - start, 3)}
     results = gauntlet.score(tasks, errors, meta)
@@ -141,7 +147,23 @@ def cmd_eval(args) -> int:
     return 1 if errors else 0
 
 
+SMALL_D_MODEL = 256  # at or below this width, CPU ops are too small for intra-op threads to pay
+
+
+def _set_threads(args, model) -> None:
+    """--threads, or (by default) one thread for a small model on the CPU: its ops are too small to share, and
+    threads that spin-wait for each other on a busy machine made the demo set 10x slower (93 s against 7 s)."""
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif next(model.parameters()).device.type == "cpu" and model.config.d_model <= SMALL_D_MODEL:
+        torch.set_num_threads(1)
+
+
 def run_eval(args) -> int:
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be positive, got {args.threads}")
     if args.compare:
         if args.model or args.harness:
             raise ValueError("--compare reads two result files: it takes no --model or --harness")
@@ -167,6 +189,8 @@ def register(sub) -> None:
     p.add_argument("--compare", nargs=2, default=None, metavar=("A.json", "B.json"),
                    help="print the differences between two result files (no model is loaded)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N items per task")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: 1 for a model of d_model <= 256 on the CPU, else torch's)")
     g = p.add_argument_group("HumanEval (--tasks humaneval)")
     g.add_argument("--samples", type=int, default=1, help="completions per problem (default 1)")
     g.add_argument("--pass-k", default="1", metavar="K[,K...]", help="pass@k values to report (default 1)")

@@ -57,6 +57,7 @@ def _positive_int(name: str, value, default: int) -> int:
 @register_model("dbrx")
 class DbrxLM(TemplateLM):
     """lm-eval model ``dbrx``: a dbrx checkpoint directory (``pretrained``) or a loaded `DbrxForCausalLM` (``model``).
+    ``adapter=DIR`` (with ``pretrained``): a PEFT LoRA adapter applied unmerged (model_args "pretrained=A,adapter=B").
 
     batch_size: rows per scoring batch at most ("auto": 64); batch_tokens: padded tokens per scoring batch at most;
     max_num_seqs: requests generated together by the engine; max_gen_toks: the default generation length (as hf)."""
@@ -64,19 +65,22 @@ class DbrxLM(TemplateLM):
     def __init__(self, pretrained: str | os.PathLike | None = None, model: torch.nn.Module | None = None,
                  device: str | None = None, dtype: str | None = None, batch_size: int | str | None = None,
                  max_batch_size: int | None = None, batch_tokens: int = 4096, max_gen_toks: int = 256,
-                 max_num_seqs: int = 32, allow_nonfinite: bool = False, tokenizer=None, **kwargs) -> None:
+                 max_num_seqs: int = 32, allow_nonfinite: bool = False, tokenizer=None,
+                 adapter: str | os.PathLike | None = None, **kwargs) -> None:
         super().__init__()
         if kwargs:
             raise ValueError(f"dbrx model: unknown argument(s) {sorted(kwargs)}")
         if (pretrained is None) == (model is None):
             raise ValueError("dbrx model: give exactly one of pretrained=DIR (a checkpoint) or model=OBJECT")
+        if adapter is not None and model is not None:
+            raise ValueError("dbrx model: adapter=DIR applies to pretrained=DIR (a loaded model already has its own)")
         if model is None:
             from dbrx.loading import load_pretrained
 
             if not Path(pretrained).is_dir():
                 raise ValueError(f"dbrx model: pretrained={pretrained} is not a checkpoint directory")
             model = load_pretrained(pretrained, device=device, dtype=dtype,  # float or quantized
-                                    allow_nonfinite=bool(allow_nonfinite))
+                                    allow_nonfinite=bool(allow_nonfinite), adapter=adapter or None)
         if tokenizer is None:
             from dbrx.tokenizer import get_tokenizer
 
@@ -220,17 +224,18 @@ def run_lm_eval(model_dir: str | os.PathLike, tasks: Sequence[str], include_path
                 num_fewshot: int | None = None, limit: int | float | None = None, batch_size: int = 64,
                 device: str | None = None, dtype: str | None = None, *, model: torch.nn.Module | None = None,
                 log_samples: bool = False, apply_chat_template: bool = False, gen_kwargs: dict | None = None,
-                seed: int = 1234) -> dict:
+                seed: int = 1234, adapter: str | os.PathLike | None = None) -> dict:
     """`lm_eval.simple_evaluate` of the dbrx model in `model_dir` (or the loaded `model`) on `tasks`, with the tasks
     of `include_path` added to lm-eval's. Returns lm-eval's result dict ("results", "configs", "versions",
-    "n-shot", "higher_is_better", ..., "samples" with log_samples)."""
+    "n-shot", "higher_is_better", ..., "samples" with log_samples). adapter: a PEFT LoRA adapter directory applied
+    unmerged on top of `model_dir`."""
     from lm_eval import simple_evaluate
 
     if isinstance(tasks, str) or not tasks:
         raise ValueError(f"tasks must be a non-empty list of lm-eval task names, got {tasks!r}")
     manager = task_manager(list(tasks), include_path)
     lm = DbrxLM(pretrained=None if model is not None else model_dir, model=model, device=device, dtype=dtype,
-                batch_size=batch_size)
+                batch_size=batch_size, adapter=adapter)
     out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
                           log_samples=log_samples, apply_chat_template=apply_chat_template, gen_kwargs=gen_kwargs,
                           random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,

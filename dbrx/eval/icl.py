@@ -24,7 +24,8 @@ the end of the continuation delimiter moves to the start of the continuation (" 
 A YAML file lists the tasks (`icl_tasks:`, as llm-foundry's), each with `label`, `dataset_uri` (relative to the
 YAML file), `icl_task_type`, `num_fewshot` (an int or a list: one entry per value), and this project's
 `category` and `random_baseline` (or llm-foundry's `eval_gauntlet:` section, whose benchmarks set them).
-Every malformed file is reported in one line naming the file and line.
+Every malformed file is reported in one line naming the file and line; a task whose items are bad or whose
+icl_task_type is unknown fails alone (`check_tasks`, `run_tasks`): the other tasks still run and keep their scores.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class TaskSpec:
     fewshot_random_seed: int = 1234
     timeout_s: float = 5.0  # code_evaluation: per program
     source: str = ""  # "file:line" of the task's entry, for messages
+    error: str = ""  # why the task cannot run (an unknown icl_task_type): it fails alone, the others still run
 
     @property
     def stops(self) -> list[str]:
@@ -93,7 +95,7 @@ class _LineLoader(yaml.SafeLoader):
         return mapping
 
 
-_SPEC_FIELDS = {f.name: f for f in fields(TaskSpec) if f.name not in ("source",)}
+_SPEC_FIELDS = {f.name: f for f in fields(TaskSpec) if f.name not in ("source", "error")}
 _TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool}
 
 
@@ -137,9 +139,8 @@ def load_task_file(path: str | os.PathLike) -> list[TaskSpec]:
         for name in ("label", "dataset_uri", "icl_task_type"):
             if not isinstance(entry.get(name), str) or not entry[name]:
                 raise ValueError(f"{where}: the task needs `{name}` (a string)")
-        if entry["icl_task_type"] not in TASK_TYPES:
-            raise ValueError(f"{where}: unknown icl_task_type {entry['icl_task_type']!r} (known: "
-                             f"{', '.join(TASK_TYPES)})")
+        error = "" if entry["icl_task_type"] in TASK_TYPES else (
+            f"{where}: unknown icl_task_type {entry['icl_task_type']!r} (known: {', '.join(TASK_TYPES)})")
         shots = entry.pop("num_fewshot", 0)
         shots = shots if isinstance(shots, list) else [shots]
         if not shots or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in shots):
@@ -149,7 +150,7 @@ def load_task_file(path: str | os.PathLike) -> list[TaskSpec]:
         kwargs["dataset_uri"] = str(uri if uri.is_absolute() else path.parent / uri)
         for k in shots:
             label = kwargs["label"] if len(shots) == 1 else f"{kwargs['label']}/{k}-shot"
-            specs.append(TaskSpec(**{**kwargs, "label": label, "num_fewshot": k}, source=where))
+            specs.append(TaskSpec(**{**kwargs, "label": label, "num_fewshot": k}, source=where, error=error))
     _apply_gauntlet_section(path, doc.get("eval_gauntlet"), specs)
     seen = set()
     for s in specs:
@@ -336,6 +337,41 @@ def _mean_loss_argmin(scores: Sequence[scoring.Score]) -> int:
 Checker = Callable[..., tuple[bool, str]]
 
 
+def item_requests(tokenizer, spec: TaskSpec, items: list[dict], limit: int | None = None
+                  ) -> list[list[tuple[list[int], list[int]]]]:
+    """The (context ids, continuation ids) requests of each of the first `limit` items of a language_modeling,
+    multiple_choice or schema task: one per continuation, choice or context option, in the item's order."""
+    t = spec.icl_task_type
+    if t not in ("language_modeling", "multiple_choice", "schema"):
+        raise ValueError(f"{t} items are generated, not scored by log-likelihood")
+    shots = fewshot_indices(len(items), spec.num_fewshot, spec.fewshot_random_seed)
+    ctx_end, cont_start = _split_delimiter(spec)
+    enc = tokenizer.encode
+    out = []
+    for i in range(len(items) if limit is None else min(limit, len(items))):
+        item, pre = items[i], _preamble(spec, items, shots[i])
+        if t == "schema":
+            pairs = [(pre + opt + ctx_end, item["continuation"]) for opt in item["context_options"]]
+        else:
+            ctx = pre + _context_of(spec, item) + ctx_end
+            pairs = [(ctx, x) for x in (item["choices"] if t == "multiple_choice" else [item["continuation"]])]
+        out.append([(enc(c), enc(cont_start + x)) for c, x in pairs])
+    return out
+
+
+def item_scores(model: nn.Module, tokenizer, spec: TaskSpec, items: list[dict], limit: int | None = None,
+                batch_tokens: int = 4096) -> list[list[scoring.Score]]:
+    """The Score (log-likelihood, greedy, token count) of each request of `item_requests`, all items batched
+    together."""
+    per_item = item_requests(tokenizer, spec, items, limit)
+    flat = scoring.loglikelihood(model, [r for reqs in per_item for r in reqs], batch_tokens=batch_tokens)
+    out, k = [], 0
+    for reqs in per_item:
+        out.append(flat[k : k + len(reqs)])
+        k += len(reqs)
+    return out
+
+
 def item_results(model: nn.Module, tokenizer, spec: TaskSpec, items: list[dict], limit: int | None = None,
                  batch_tokens: int = 4096, checker: Checker | None = None) -> list[bool]:
     """Whether the model gets each of the first `limit` items right (few-shot examples come from all items).
@@ -343,27 +379,10 @@ def item_results(model: nn.Module, tokenizer, spec: TaskSpec, items: list[dict],
     shots = fewshot_indices(len(items), spec.num_fewshot, spec.fewshot_random_seed)
     chosen = range(len(items) if limit is None else min(limit, len(items)))
     enc = tokenizer.encode
-    ctx_end, cont_start = _split_delimiter(spec)
     t = spec.icl_task_type
     correct: list[bool] = []
     if t in ("language_modeling", "multiple_choice", "schema"):
-        requests, owners = [], []
-        for i in chosen:
-            item, pre = items[i], _preamble(spec, items, shots[i])
-            if t == "schema":
-                conts = [item["continuation"]]
-                ctxs = [pre + opt + ctx_end for opt in item["context_options"]]
-                pairs = [(c, conts[0]) for c in ctxs]
-            else:
-                ctx = pre + _context_of(spec, item) + ctx_end
-                pairs = [(ctx, x) for x in (item["choices"] if t == "multiple_choice" else [item["continuation"]])]
-            for c, x in pairs:
-                requests.append((enc(c), enc(cont_start + x)))
-                owners.append(i)
-        scores = scoring.loglikelihood(model, requests, batch_tokens=batch_tokens)
-        per_item: dict[int, list[scoring.Score]] = {}
-        for i, s in zip(owners, scores):
-            per_item.setdefault(i, []).append(s)
+        per_item = item_scores(model, tokenizer, spec, items, limit, batch_tokens)
         for i in chosen:
             s = per_item[i]
             correct.append(s[0].greedy if t == "language_modeling" else _mean_loss_argmin(s) == items[i]["gold"])
@@ -403,6 +422,8 @@ def run_task(model: nn.Module, tokenizer, spec: TaskSpec, items: list[dict] | No
     """Score one task: {"accuracy", "correct", "n", "seconds"} with the spec's type, shots, category and baseline
     (items: read from the spec's file when not given)."""
     start = time.perf_counter()
+    if spec.error:
+        raise ValueError(spec.error)
     items = read_items(spec.dataset_uri, spec.icl_task_type) if items is None else items
     correct = item_results(model, tokenizer, spec, items, limit, batch_tokens, checker)
     n = len(correct)
@@ -428,6 +449,9 @@ def check_tasks(specs: Sequence[TaskSpec]) -> tuple[dict[str, list[dict]], list[
     """Read every task's items before anything runs: the good ones, and a one-line failure per bad file."""
     good, bad = {}, []
     for s in specs:
+        if s.error:
+            bad.append(TaskFailure(s.label, s.error))
+            continue
         try:
             good[s.label] = read_items(s.dataset_uri, s.icl_task_type)
         except (ValueError, OSError) as e:
@@ -465,4 +489,5 @@ def run_tasks(model: nn.Module, tokenizer, specs: Sequence[TaskSpec], limit: int
 
 
 __all__ = ["DEMO_YAML", "TASK_TYPES", "RunReport", "TaskSpec", "check_tasks", "extract_answer", "fewshot_indices",
-           "item_results", "load_task_file", "normalize_answer", "read_items", "run_task", "run_tasks", "select_tasks"]
+           "item_requests", "item_results", "item_scores", "load_task_file", "normalize_answer", "read_items",
+           "run_task", "run_tasks", "select_tasks"]

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.experts import sort_by_expert
 from ..kernels.lora_experts import lora_expert_glu
 
 TARGETS = ("Wqkv", "out_proj", "router", "w1", "v1", "w2")
@@ -79,11 +80,13 @@ def _init_A(A: torch.Tensor) -> None:
 
 
 def _float_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype adapters of `module` get: its first floating-point tensor's (fp32 for a quantized module)."""
-    for t in [*module.parameters(), *module.buffers()]:
+    """The dtype adapters of `module` get: its first floating-point parameter's; for a quantized module (buffers
+    only: codes and bf16 scales) its activation dtype `dtype` if it has one, else fp32."""
+    for t in module.parameters():
         if t.is_floating_point():
             return t.dtype
-    return torch.float32
+    dt = getattr(module, "dtype", None)
+    return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else torch.float32
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -135,8 +138,15 @@ def _dropped(x, p, training):
     return F.dropout(x, p, training) if p and training else x
 
 
+def is_quantized_experts(experts: nn.Module) -> bool:
+    """Whether an experts module is dbrx.quant's QuantExperts (fused quantized gate/up `w13` and down `w2`)."""
+    return hasattr(experts, "w13") and not hasattr(experts, "mlp")
+
+
 def expert_dims(experts: nn.Module) -> tuple[int, int, int]:
-    """(E, F, D) of an experts module (its stacked `mlp.w1`)."""
+    """(E, F, D) of an experts module (its stacked `mlp.w1`, or a QuantExperts' sizes)."""
+    if is_quantized_experts(experts):
+        return int(experts.n_experts), int(experts.ffn), int(experts.d_model)
     E, F_, D = experts.mlp.w1.shape
     return int(E), int(F_), int(D)
 
@@ -151,6 +161,11 @@ class LoraExperts(nn.Module):
 
     Replaces `MoE.experts` (same call); the base experts module stays inside as `base` (its weights are used as they
     are, never copied or merged) and the adapted GLU runs through dbrx.kernels.lora_experts.
+
+    QLoRA: `base` may be a QuantExperts (int8 / int4). The three frozen products then run through its quantized
+    kernels, expert by expert over the routed rows (torch has no grouped quantized kernel), with each adapter's
+    product added to its base product inside the GLU; their backward w.r.t. the input dequantizes one expert's
+    matrix at a time (dbrx.quant.grad), so the stack is never dequantized.
     """
 
     def __init__(self, base: nn.Module, ranks: dict[str, int], scalings: dict[str, float], dropout: float = 0.0):
@@ -174,6 +189,8 @@ class LoraExperts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, backend: str = "auto",
                 recompute: bool = False) -> torch.Tensor:
         """As `Experts.forward`: x (N, D), router weights (N, K), expert ids (N, K) -> (N, D)."""
+        if is_quantized_experts(self.base):
+            return self._quantized(x, weights, idx)
         mlp = self.base.mlp
         w1, v1, w2 = mlp.w1, mlp.v1, mlp.w2
         factors = {n: (self.lora_A[n], self.lora_B[n]) for n in self.lora_A}
@@ -183,6 +200,46 @@ class LoraExperts(nn.Module):
         adapters = {n: (a.to(dt), b.to(dt), self.scaling[n]) for n, (a, b) in factors.items()}
         return lora_expert_glu(x, weights.to(dt), idx, w1, v1, w2, adapters, backend=backend, recompute=recompute,
                                dropout=self.dropout, training=self.training)
+
+    def _quantized(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The adapted GLU on a QuantExperts base: routed rows sorted by expert, per expert with rows
+        gate/up = Q13_e(x) + s * (drop(x) A_e^T) B_e^T, hp = p * silu(gate) * up, out = Q2_e(hp) + s * (drop(hp) A_e^T)
+        B_e^T; the quantized products in bf16 (as QuantExperts runs them), everything else in the activations' dtype
+        (autocast's under autocast)."""
+        from ..quant.grad import quant_matmul
+
+        base, F_ = self.base, self.base.ffn
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        N, K = idx.shape
+        order, inverse, ends = sort_by_expert(idx, base.n_experts)
+        counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()  # host sync (the quantized path is CPU only)
+        xs = x.to(dt)[order // K]  # (R, D) routed rows in expert order
+        p = weights.reshape(-1)[order].to(dt)  # (R,) their router weights
+
+        def adapter(a, name, e):
+            A, B = self.lora_A[name], self.lora_B[name]
+            t = _dropped(a, self.dropout, self.training)
+            return F.linear(F.linear(t, A[e].to(dt)), B[e].to(dt)) * self.scaling[name]
+
+        outs, start = [], 0
+        for e, c in enumerate(counts):
+            if not c:
+                continue
+            x_e, p_e = xs[start:start + c], p[start:start + c]
+            start += c
+            gu = quant_matmul(x_e, base.w13, e)  # (c, 2F)
+            gate, up = gu[:, :F_], gu[:, F_:]
+            if "w1" in self.lora_A:
+                gate = gate + adapter(x_e, "w1", e)
+            if "v1" in self.lora_A:
+                up = up + adapter(x_e, "v1", e)
+            hp = F.silu(gate) * up * p_e[:, None]  # (c, F)
+            out = quant_matmul(hp, base.w2, e)  # (c, D)
+            if "w2" in self.lora_A:
+                out = out + adapter(hp, "w2", e)
+            outs.append(out)
+        rows = torch.cat(outs)  # (R, D)
+        return rows[inverse].view(N, K, -1).sum(1).to(x.dtype)  # (N, D)
 
     def delta(self, name: str) -> torch.Tensor:
         """The update of base weight `name` as stored, (E, F, D) in fp32."""
@@ -277,10 +334,14 @@ def merge_lora(model: nn.Module) -> nn.Module:
         base = module.base
         if isinstance(module, LoraLinear):
             w = getattr(base, "weight", None)
-            if not isinstance(w, torch.Tensor) or not w.is_floating_point():
-                raise ValueError(f"cannot merge LoRA into {name}: its base is not a float linear layer")
+            if not isinstance(w, nn.Parameter) or not w.is_floating_point():  # a quantized layer's is a copy
+                raise ValueError(f"cannot merge LoRA into {name}: its base is not a float linear layer (quantized? "
+                                 f"merge into the float checkpoint with `dbrx merge-lora`)")
             w.copy_((w.float() + module.delta()).to(w.dtype))
         else:
+            if is_quantized_experts(base):
+                raise ValueError(f"cannot merge LoRA into {name}: its base is quantized (merge into the float "
+                                 f"checkpoint with `dbrx merge-lora`)")
             for p_name in module.lora_A:
                 w = getattr(base.mlp, p_name)
                 if not w.is_floating_point():
@@ -291,5 +352,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 __all__ = ["LoraConfig", "LoraLinear", "LoraExperts", "apply_lora", "merge_lora", "lora_state_dict", "freeze_base",
-           "adapted_modules", "has_lora", "is_adapter_name", "lora_scaling", "expert_dims", "expert_io", "TARGETS",
+           "adapted_modules", "has_lora",
+           "is_quantized_experts", "is_adapter_name", "lora_scaling", "expert_dims", "expert_io", "TARGETS",
            "EXPERT_TARGETS", "LINEAR_PATHS"]

@@ -149,7 +149,7 @@ def install(model: nn.Module, name: str, kind: str, tensors: dict[str, torch.Ten
         if kind == "embedding":
             mod = QuantEmbedding(spec.bits, spec.group_size, *_triple(tensors), in_features, dtype)
         else:
-            mod = QuantLinear.from_quantized(spec.bits, spec.group_size, in_features, *_triple(tensors))
+            mod = QuantLinear.from_quantized(spec.bits, spec.group_size, in_features, *_triple(tensors), dtype=dtype)
     setattr(model.get_submodule(parent), attr, mod)
 
 

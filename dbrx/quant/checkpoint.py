@@ -33,6 +33,7 @@ from ..hf_checkpoint import (
 )
 from ..model import DbrxForCausalLM
 from .apply import DEFAULT_TARGETS, QuantSpec, file_tensors, install, is_quantized, quantize_weight, quantized_weights
+from .layers import check_device
 
 _ST_NAMES = {torch.int8: "I8", torch.uint8: "U8", torch.bfloat16: "BF16", torch.float16: "F16",
              torch.float32: "F32", torch.float64: "F64"}
@@ -160,13 +161,12 @@ def _read_float(reader: _Reader, key: str, dtype, allow_nonfinite: bool) -> torc
 
 
 def load_quantized(path: str | os.PathLike, dtype=None, device=None, allow_nonfinite: bool = False) -> nn.Module:
-    """A quantized checkpoint directory -> DbrxForCausalLM with quantized modules, in eval mode, on the CPU.
+    """A quantized checkpoint directory -> DbrxForCausalLM with quantized modules, in eval mode, on `device` (the
+    CPU by default; CUDA runs the quantized layers through Triton, dbrx.kernels.triton_quant_gemm).
 
     dtype: of the float tensors and activations (default: the checkpoint's); quantized layers compute in bf16."""
     device = torch.device(device or "cpu")
-    if device.type != "cpu":
-        raise ValueError(f"quantized checkpoints run on the CPU for now (torch's CPU weight-only kernels); got "
-                         f"device {device}")
+    check_device(device)  # the CPU, or CUDA with Triton (dbrx.quant.layers)
     dtype = parse_dtype(dtype)
     with _Reader(path) as reader:
         cfg = reader.config
@@ -182,11 +182,12 @@ def load_quantized(path: str | os.PathLike, dtype=None, device=None, allow_nonfi
                 mod_name, _, leaf = name.rpartition(".")
                 module = model.get_submodule(mod_name)
                 t = _read_float(reader, name, dtype, allow_nonfinite)
-                module._parameters[leaf] = nn.Parameter(t.view(shape), requires_grad=False)
+                module._parameters[leaf] = nn.Parameter(t.view(shape).to(device), requires_grad=False)
                 continue
             tensors = {sfx: reader.get(name + sfx) if dt != torch.bfloat16 else
                        _read_float(reader, name + sfx, None, allow_nonfinite)
                        for sfx, (_, dt) in file_tensors(shape, quantized[name], spec).items()}
+            tensors = {sfx: t.to(device) for sfx, t in tensors.items()}
             install(model, name, quantized[name], tensors, spec, dtype, pending)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     assert not left, f"tensors left on the meta device after loading: {left[:5]}"

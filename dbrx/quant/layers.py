@@ -3,9 +3,12 @@
 They hold the weights in the kernels' layouts (dbrx.quant.formats) and are built from the checkpoint layout
 (`from_quantized`), so a model quantized in memory and one loaded from a quantized checkpoint are the same.
 Activations meet the weights in bf16 (the dtype torch's CPU kernels are fast in) and leave in the model's dtype.
+QuantLinear is differentiable w.r.t. its input (dbrx.quant.grad.quant_matmul), for QLoRA.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -14,11 +17,27 @@ from torch import nn
 from ..kernels.experts import sort_by_expert
 from .formats import SCALE_DTYPE, dequantize_int4_rows, int4_kernel_layout, int4_mm, int8_mm
 
+_DEQUANT_ROWS = 1 << 12  # rows (int8) dequantized at a time by QuantLinear.weight
+_DEQUANT_COLS = 256  # input columns (int4) read back through the kernel at a time
 
-def _check_cpu(t: torch.Tensor) -> None:
-    if t.device.type != "cpu":
-        raise ValueError(f"quantized layers run on the CPU only for now (torch's CPU weight-only kernels); got a "
-                         f"tensor on {t.device}")
+
+def check_device(device: torch.device | str) -> None:
+    """ValueError unless quantized layers have kernels on `device`: the CPU (torch's weight-only kernels), or CUDA
+    with Triton (dbrx.kernels.triton_quant_gemm)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return
+    if device.type != "cuda":
+        raise ValueError(f"quantized layers run on the CPU or on CUDA (with Triton) only; got device {device}")
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError(f"quantized layers on {device} need Triton (dbrx.kernels.triton_quant_gemm), which is not "
+                         f"installed: install triton or run on the CPU")
+
+
+def _gpu_gmm(x, q, scale, zero, bounds, bits, group_size, in_features):
+    from ..kernels.triton_quant_gemm import quant_gmm
+
+    return quant_gmm(x, q, scale, zero, bounds, bits, group_size or 32, in_features)
 
 
 class _QuantMatmul(nn.Module):
@@ -29,12 +48,23 @@ class _QuantMatmul(nn.Module):
         self.bits, self.group_size = bits, group_size
         self.in_features, self.out_features = in_features, out_features
 
-    def _set(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
-        """From the checkpoint layout, (E?, out, in | in/2) + scale (+ zero); one matrix at a time for int4."""
-        _check_cpu(q)
+    def _set(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, layout: str | None = None) -> None:
+        """From the checkpoint layout, (E?, out, in | in/2) + scale (+ zero); one matrix at a time for int4.
+
+        On the CPU, int4 goes to torch's kernel layout; on CUDA every weight stays in the checkpoint layout, which
+        the Triton kernel reads (the layout is fixed at build time: an int4 layer built on one kind of device does
+        not run on the other). `layout` 'file' forces the checkpoint layout on the CPU (tests of the Triton path under
+        its interpreter)."""
+        check_device(q.device)
+        self.layout = layout or ("file" if q.device.type == "cuda" else "cpu")
         if self.bits == 8:
-            self.register_buffer("weight", q.contiguous())  # (E?, out, in) int8
+            self.register_buffer("qweight", q.contiguous())  # (E?, out, in) int8
             self.register_buffer("weight_scale", scale.to(SCALE_DTYPE).contiguous())  # (E?, out)
+            return
+        if self.layout == "file":
+            self.register_buffer("qweight", q.contiguous())  # (E?, out, ceil(in/2)) uint8
+            self.register_buffer("weight_scale", scale.to(SCALE_DTYPE).contiguous())  # (E?, out, ng)
+            self.register_buffer("weight_zero", zero.to(SCALE_DTYPE).contiguous())  # (E?, out, ng)
             return
         if q.dim() == 2:
             w, sz = int4_kernel_layout(q, scale, zero, self.in_features, self.group_size)
@@ -42,34 +72,92 @@ class _QuantMatmul(nn.Module):
             pairs = [int4_kernel_layout(q[e], scale[e], zero[e], self.in_features, self.group_size)
                      for e in range(q.shape[0])]
             w, sz = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-        self.register_buffer("weight", w)  # (E?, Np, Kp/2) uint8 in torch's int4 kernel order
+        self.register_buffer("qweight", w)  # (E?, Np, Kp/2) uint8 in torch's int4 kernel order
         self.register_buffer("weight_scales_and_zeros", sz.to(SCALE_DTYPE))  # (E?, ng, Np, 2)
+
+    def _gpu(self, x: torch.Tensor) -> bool:
+        """Whether x goes to the Triton kernel (CUDA); ValueError when the weights' layout cannot serve x."""
+        if x.device.type == "cpu" and self.qweight.device.type == "cpu" and (self.layout == "cpu" or self.bits == 8):
+            return False
+        if x.device.type == "cuda" and self.qweight.device == x.device and (self.layout == "file" or self.bits == 8):
+            return True
+        built = "the CPU" if self.layout == "cpu" else "CUDA"
+        raise ValueError(f"a quantized layer built for {built} (weights now on {self.qweight.device}) cannot run on "
+                         f"{x.device}: quantize or load the model on the device it runs on")
+
+    def grouped(self, x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+        """CUDA: x (R, in) rows sorted by expert, bounds (E+1,) int32 -> (R, out), one Triton launch."""
+        q = self.qweight if self.qweight.dim() == 3 else self.qweight[None]
+        s = self.weight_scale if self.qweight.dim() == 3 else self.weight_scale[None]
+        z = getattr(self, "weight_zero", None)
+        if z is not None and z.dim() == 2:
+            z = z[None]
+        return _gpu_gmm(x, q, s, z, bounds, self.bits, self.group_size, self.in_features)
 
     def mm(self, x: torch.Tensor, e: int | None = None) -> torch.Tensor:
         """x (M, in) in SCALE_DTYPE -> (M, out) in SCALE_DTYPE."""
+        if self._gpu(x):
+            assert e is None, "on CUDA the experts run grouped (QuantExperts._grouped_gpu)"
+            return self.grouped(x, torch.tensor([0, x.shape[0]], dtype=torch.int32, device=x.device))
         if self.bits == 8:
-            w, s = (self.weight, self.weight_scale) if e is None else (self.weight[e], self.weight_scale[e])
+            w, s = (self.qweight, self.weight_scale) if e is None else (self.qweight[e], self.weight_scale[e])
             return int8_mm(x, w, s)
-        w, sz = self.weight, self.weight_scales_and_zeros
+        w, sz = self.qweight, self.weight_scales_and_zeros
         if e is not None:
             w, sz = w[e], sz[e]
         return int4_mm(x, w, sz, self.group_size, self.out_features)
 
 
 class QuantLinear(_QuantMatmul):
-    """A bias-free nn.Linear with an int8 (per output row) or int4 (group-wise) weight."""
+    """A bias-free nn.Linear with an int8 (per output row) or int4 (group-wise) weight.
+
+    `weight` is the dequantized (out, in) matrix in `dtype` (the model's), rebuilt on each access: for callers that
+    need the matrix itself, as `DbrxForCausalLM.compute_loss` does with the head (its chunked cross-entropy,
+    dbrx.kernels.loss); the forward pass never builds it."""
+
+    def __init__(self, bits: int, group_size: int | None, in_features: int, out_features: int,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__(bits, group_size, in_features, out_features)
+        self.dtype = dtype
 
     @classmethod
     def from_quantized(cls, bits: int, group_size: int | None, in_features: int, q: torch.Tensor,
-                       scale: torch.Tensor, zero: torch.Tensor | None = None) -> QuantLinear:
-        m = cls(bits, group_size, in_features, q.shape[0])
+                       scale: torch.Tensor, zero: torch.Tensor | None = None,
+                       dtype: torch.dtype = torch.float32) -> QuantLinear:
+        m = cls(bits, group_size, in_features, q.shape[0], dtype)
         m._set(q, scale, zero)
         return m
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (out, in) in `dtype`, built _DEQUANT_ROWS rows (int8) or columns (int4) at a time.
+        int4 reads it back through the kernel itself (identity rows in, so each value is the kernel's own, rounded
+        to bf16 as its outputs are), since torch's int4 packing is private to its kernels."""
+        out = torch.empty(self.out_features, self.in_features, dtype=self.dtype, device=self.qweight.device)
+        with torch.no_grad():
+            if self.bits == 8:
+                for s in range(0, self.out_features, _DEQUANT_ROWS):
+                    q, sc = self.qweight[s:s + _DEQUANT_ROWS], self.weight_scale[s:s + _DEQUANT_ROWS]
+                    out[s:s + _DEQUANT_ROWS] = q.float() * sc.float()[:, None]
+                return out
+            if self.layout == "file":  # CUDA: the checkpoint layout, dequantized directly
+                codes = torch.stack((self.qweight & 15, self.qweight >> 4), dim=-1).flatten(-2)[:, : self.in_features]
+                g = torch.arange(self.in_features, device=codes.device) // self.group_size
+                out.copy_((codes.float() - 8) * self.weight_scale.float()[:, g] + self.weight_zero.float()[:, g])
+                return out
+            for s in range(0, self.in_features, _DEQUANT_COLS):
+                c = min(_DEQUANT_COLS, self.in_features - s)
+                eye = torch.zeros(c, self.in_features, dtype=SCALE_DTYPE)
+                eye[:, s:s + c] = torch.eye(c, dtype=SCALE_DTYPE)  # rows e_s .. e_{s+c-1}
+                out[:, s:s + c] = self.mm(eye).T  # (c, out) = columns s.. of W, transposed
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = self.mm(x.reshape(-1, self.in_features).to(SCALE_DTYPE))  # (M, out)
-        return y.to(x.dtype).view(*lead, self.out_features)
+        from .grad import quant_matmul
+
+        y = quant_matmul(x.reshape(-1, self.in_features), self)  # (M, out), differentiable w.r.t. x
+        return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.bits == 4 else ""
@@ -82,7 +170,7 @@ class QuantEmbedding(nn.Module):
     def __init__(self, bits: int, group_size: int | None, q: torch.Tensor, scale: torch.Tensor,
                  zero: torch.Tensor | None, embedding_dim: int, dtype: torch.dtype):
         super().__init__()
-        _check_cpu(q)
+        check_device(q.device)
         self.bits, self.group_size, self.embedding_dim, self.dtype = bits, group_size, embedding_dim, dtype
         self.register_buffer("weight", q)  # (V, D) int8 or (V, D/2) uint8
         self.register_buffer("weight_scale", scale.to(SCALE_DTYPE))  # (V,) or (V, ng)
@@ -116,13 +204,14 @@ class QuantExperts(nn.Module):
         self.w2 = _QuantMatmul(bits, group_size, ffn, d_model)  # (E, D, F): down, transposed to (out, in)
 
     @classmethod
-    def from_quantized(cls, bits: int, group_size: int | None, w1, v1, w2) -> QuantExperts:
-        """w1, v1: (q, scale, zero) of the (E, F, D) gate and up stacks; w2: of the (E, D, F) transposed down stack."""
+    def from_quantized(cls, bits: int, group_size: int | None, w1, v1, w2, layout: str | None = None) -> QuantExperts:
+        """w1, v1: (q, scale, zero) of the (E, F, D) gate and up stacks; w2: of the (E, D, F) transposed down stack.
+        layout: see _QuantMatmul._set."""
         E, F_, D = w1[0].shape[0], w1[0].shape[1], w2[0].shape[1]
         m = cls(bits, group_size, E, F_, D)
         cat = [None if a is None else torch.cat((a, b), dim=1) for a, b in zip(w1, v1)]  # (E, 2F, ...)
-        m.w13._set(*cat)
-        m.w2._set(*w2)
+        m.w13._set(*cat, layout=layout)
+        m.w2._set(*w2, layout=layout)
         return m
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, backend: str = "auto",
@@ -131,6 +220,8 @@ class QuantExperts(nn.Module):
         `recompute` belong to the float experts (training) and are ignored here."""
         N, K = idx.shape
         xb = x.to(SCALE_DTYPE)
+        if self.w13._gpu(xb):
+            return self._grouped_gpu(xb, weights, idx).to(x.dtype)
         if N == 1:  # decode: the K chosen experts in turn, no sort, few ops (this path is dispatch-bound)
             y = torch.zeros(1, self.d_model, dtype=torch.float32)
             for e, p in zip(idx[0].tolist(), weights[0].tolist()):
@@ -161,9 +252,19 @@ class QuantExperts(nn.Module):
         rows.mul_(weights.reshape(-1)[order].float()[:, None])
         return rows[inverse].view(N, K, self.d_model).sum(1)  # (N, D)
 
+    def _grouped_gpu(self, xb, weights, idx):
+        """CUDA: every routed row in one grouped Triton launch per matrix, no host sync."""
+        N, K = idx.shape
+        order, inverse, ends = sort_by_expert(idx, self.n_experts)  # (R,), (R,), (E,)
+        bounds = torch.cat((ends.new_zeros(1), ends))  # (E+1,) int32
+        gu = self.w13.grouped(xb[order // K], bounds).float()  # (R, 2F)
+        h = (F.silu(gu[:, : self.ffn]) * gu[:, self.ffn:]).to(SCALE_DTYPE)  # (R, F)
+        rows = self.w2.grouped(h, bounds).float() * weights.reshape(-1)[order].float()[:, None]  # (R, D)
+        return rows[inverse].view(N, K, self.d_model).sum(1)  # (N, D)
+
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"experts={self.n_experts}, ffn={self.ffn}, d_model={self.d_model}, bits={self.bits}{g}"
 
 
-__all__ = ["QuantLinear", "QuantEmbedding", "QuantExperts"]
+__all__ = ["QuantLinear", "QuantEmbedding", "QuantExperts", "check_device"]

@@ -291,7 +291,11 @@ class Trainer:
 
         t = self.cfg.train
         loaded = bool(self.cfg.model.checkpoint)
-        if loaded:
+        if loaded and self._quantized_base():  # QLoRA: the quantized layers stay quantized (CPU kernels)
+            from dbrx.quant import load_quantized
+
+            model = load_quantized(resolve_path(self.cfg.model.checkpoint), dtype=torch.float32, device="cpu")
+        elif loaded:
             model = DbrxForCausalLM.from_pretrained(resolve_path(self.cfg.model.checkpoint), dtype=torch.float32,
                                                     device="cpu")
         else:  # nothing allocated yet: each rank materialises only its own shards, after sharding
@@ -313,6 +317,21 @@ class Trainer:
             model.to(self.device)
         model.train()
         return model
+
+    def _quantized_base(self) -> bool:
+        """Whether model.checkpoint was written by `dbrx quantize`: trainable with LoRA only (QLoRA), on one CPU
+        process (the quantized kernels are torch's CPU ones); ValueError otherwise."""
+        from dbrx.hf_checkpoint import quantization_config
+
+        if quantization_config(resolve_path(self.cfg.model.checkpoint)) is None:
+            return False
+        if self.cfg.lora is None:
+            raise ValueError("model.checkpoint is quantized: it can only be fine-tuned with LoRA adapters (QLoRA: "
+                             "set lora.rank / lora.targets), or fully from its float checkpoint")
+        if self.dist.distributed or self.device.type != "cpu":
+            raise ValueError(f"QLoRA (a quantized model.checkpoint) runs in one CPU process (torch's CPU quantized "
+                             f"kernels); got {self.dist.world} process(es) on {self.device}")
+        return True
 
     def _resume(self, resume: str) -> None:
         ckpt = ckpt_lib.resolve_resume(resume, self.ckpt_dir)
