@@ -3,6 +3,7 @@ checkpoint resumes exactly."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -27,13 +28,43 @@ def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return proc
 
 
+def eval_records(run_dir: Path) -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("event") == "eval"]
+
+
+def _icl_tasks(root: Path) -> Path:
+    rows = {
+        "mc.jsonl": [{"query": f"Is {w} a colour?", "choices": ["yes", "no", "maybe"], "gold": i % 3}
+                     for i, w in enumerate(["red", "bread", "blue", "cat"])],
+        "qa.jsonl": [{"context": f"Q: {a} plus {b}?", "answer": str(a + b)} for a, b in [(1, 1), (2, 3), (4, 4)]],
+        "lm.jsonl": [{"context": f"{x} is", "continuation": f" {y}"} for x, y in [("sky", "blue"), ("one", "two")]],
+    }
+    for name, items in rows.items():
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in items))
+    spec = root / "icl.yaml"
+    spec.write_text(
+        f"icl_tasks:\n"
+        f"- {{label: mc, dataset_uri: {root / 'mc.jsonl'}, icl_task_type: multiple_choice, random_baseline: 0.33,"
+        f" category: commonsense_reasoning, num_fewshot: [1]}}\n"
+        f"- {{label: qa, dataset_uri: {root / 'qa.jsonl'}, icl_task_type: generation_task_with_answers,"
+        f" max_new_tokens: 4, category: symbolic_problem_solving}}\n"
+        f"- {{label: lm, dataset_uri: {root / 'lm.jsonl'}, icl_task_type: language_modeling,"
+        f" category: language_understanding}}\n")
+    return spec
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(fsdp._TORCH < (2, 7), reason="FSDP2 runs on the CPU from torch 2.7")
 def test_two_processes_match_one_and_resume(tmp_path):
     # single process: global batch 4 as 2 micro batches of 2 (the same micro batches the two ranks see)
-    cfg = tiny_train_config(tmp_path, train={"steps": 4, "micro_batch": 2}, checkpoint={"interval": 2, "keep": 2})
+    # with ICL tasks (multiple choice, generation, language modelling) scored at each evaluation
+    icl_tasks = _icl_tasks(tmp_path)
+    cfg = tiny_train_config(tmp_path, train={"steps": 4, "micro_batch": 2}, checkpoint={"interval": 2, "keep": 2},
+                            eval={"interval": 2, "icl_tasks": str(icl_tasks), "fraction": 0.2, "batches": 1})
     train(cfg)
     single = [r["loss"] for r in step_records(cfg.run_dir)]
+    single_evals = eval_records(cfg.run_dir)
 
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # keep the stream order
@@ -42,6 +73,16 @@ def test_two_processes_match_one_and_resume(tmp_path):
     dist = [r["loss"] for r in step_records(tmp_path / "dist")]
     assert dist == pytest.approx(single, rel=1e-5, abs=1e-5)
     assert (tmp_path / "dist" / "final" / "config.json").is_file()
+    # the sharded model scores the ICL tasks as the single process does (only rank 0 writes them)
+    dist_evals = eval_records(tmp_path / "dist")
+    assert [e["step"] for e in dist_evals] == [e["step"] for e in single_evals] == [2, 4]
+    for d, s in zip(dist_evals, single_evals):
+        icl_keys = sorted(k for k in s if k.startswith("icl/"))
+        assert len(icl_keys) == 3 + 3 + 1 and sorted(k for k in d if k.startswith("icl/")) == icl_keys
+        assert {k: d[k] for k in icl_keys} == pytest.approx({k: s[k] for k in icl_keys}, abs=1e-9)
+        # held-out loss ran too (its windows are eval.batches x micro_batch x world rows, so they differ here); the
+        # step-2 checkpoint after both evaluations saved and resumes below
+        assert {"eval_loss_text", "eval_loss_code"} <= d.keys()
 
     # resume the sharded run from its step-2 checkpoint in a new run directory: steps 3 and 4 come out the same
     ckpt = tmp_path / "dist" / "checkpoints" / "step_00000002"

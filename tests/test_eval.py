@@ -505,9 +505,6 @@ def test_training_scores_icl_tasks_at_each_evaluation(tmp_path):
     assert trainer.model.training and "icl/overall" in summary["eval"]
     assert "icl.png" in {p.name for p in plot_run(cfg.run_dir)}
 
-    cfg.train.micro_batch = 2
-    with pytest.raises(ValueError, match="single-process"):
-        cfg.validate(world=2)
     (tmp_path / "mc.jsonl").write_text('{"query": "q"}\n')
     with pytest.raises(ValueError, match=r"eval.icl_tasks: .*mc\.jsonl:1: missing field"):
         train(tiny_train_config(tmp_path / "again", eval={"interval": 2, "icl_tasks": str(tmp_path / "t.yaml")}))

@@ -8,13 +8,14 @@ and reduces gradients in fp32; the sharded fp32 parameters are the master weight
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from ..compat import TORCH_VERSION as _TORCH  # patched by tests
 
@@ -70,10 +71,33 @@ def shard_model(model: nn.Module, bf16: bool = False) -> nn.Module:
     for i, block in enumerate(blocks):
         # the last block's parameters are needed again right away in backward: keep them gathered
         fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+        register_fsdp_forward_method(block, "forward_paged")  # the serving step gathers the block as forward does
     fully_shard(model, mp_policy=mp)
     if hasattr(model, "compute_loss"):  # gather the root's parameters for compute_loss as for forward
         register_fsdp_forward_method(model, "compute_loss")
     return model
+
+
+@contextlib.contextmanager
+def root_gathered(model: nn.Module):
+    """Inference that reads the root's parameters outside its forward (embedding, final norm and head: the serving
+    engine's `forward_paged`, blocked-head scoring) sees them whole; each block still gathers its own around its
+    forward. Every rank must run the same calls inside (each block's gather is a collective). A no-op unsharded."""
+    if isinstance(model, FSDPModule):
+        model.unshard()
+    try:
+        yield model
+    finally:
+        reshard_all(model)
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Reshard every FSDP module after inference: a forward without backward leaves the modules that keep their
+    parameters gathered after forward (the root, the last block) unsharded, and a checkpoint taken then would see
+    whole tensors where the optimizer holds shards."""
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -99,4 +123,4 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["DistInfo", "init_distributed", "shard_model", "all_reduce_sum", "all_reduce_max", "barrier", "destroy"]
+__all__ = ["DistInfo", "init_distributed", "shard_model", "root_gathered", "reshard_all", "all_reduce_sum", "all_reduce_max", "barrier", "destroy"]

@@ -197,9 +197,6 @@ class TrainConfig:
                              "evaluate on (set eval.fraction, e.g. 0.02, eval.icl_tasks, or eval.interval=0)")
         if self.eval.icl_limit is not None:
             _positive("eval.icl_limit", self.eval.icl_limit)
-        if self.eval.icl_tasks and world > 1:
-            raise ValueError("eval.icl_tasks runs in single-process training only: score the exported checkpoints "
-                             "of a multi-process run with `dbrx eval`")
         if self.checkpoint.interval < 0:
             raise ValueError(f"checkpoint.interval must be >= 0, got {self.checkpoint.interval}")
         _positive("checkpoint.keep", self.checkpoint.keep)

@@ -443,6 +443,7 @@ class Trainer:
                 sums += torch.stack([out.lm_loss.float() * out.n_tokens, out.n_tokens.float()])
             fsdp.all_reduce_sum(sums)
             results[name] = float(sums[0] / sums[1].clamp_min(1))
+        fsdp.reshard_all(self.model)
         self.model.train()
         return results
 
@@ -580,7 +581,8 @@ class Trainer:
         from dbrx.tokenizer import get_tokenizer
 
         specs, checked = self.icl
-        with self._autocast():
+        # under FSDP every rank scores every item (the same calls on every rank keep the gathers in step)
+        with self._autocast(), fsdp.root_gathered(self.model):
             report = icl.run_tasks(self.model, get_tokenizer(), specs, limit=self.cfg.eval.icl_limit,
                                    checked=checked)
         self.model.train()
