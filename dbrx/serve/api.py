@@ -3,7 +3,9 @@ vLLM's /tokenize, /detokenize and /tokenizer_info, /health and Prometheus /metri
 `run_server` serves it with uvicorn.
 
 A thin layer: it validates requests (protocol.py), renders prompts with the tokenizer, hands token ids to the
-engine and turns the engine's token outputs into text. Stop strings are applied here, on the detokenized text;
+engine and turns the engine's token outputs into text. A request's `model` picks the base model (its served name)
+or one of the engine's LoRA adapters (by the adapter's name, as vLLM's multi-LoRA serving does); /v1/models lists
+them all, adapters with the base model as `parent`. Stop strings are applied here, on the detokenized text;
 stop ids end requests in the engine. A client error is always a 4xx with OpenAI's error body, and a client that
 goes away cancels its engine requests at once (closing the engine's async iterator aborts the request).
 
@@ -83,7 +85,8 @@ class Engine(Protocol):
 
     generate yields RequestOutput-like objects (request_id, new_token_ids, new_logprobs, prompt_logprobs, finished,
     finish_reason, num_prompt_tokens, num_cached_tokens); it raises ValueError for a request it cannot serve and
-    QueueFull (matched by class name) when its waiting queue is full, both before its first output.
+    QueueFull (matched by class name) when its waiting queue is full, both before its first output. It is given
+    `adapter=NAME` (a keyword) only for requests that name one of the adapters the app serves.
     """
 
     max_model_len: int
@@ -593,17 +596,20 @@ async def _events(jobs: Sequence[_Job], fmt: _Format, include_usage: bool) -> As
 class _Server:
     """The endpoints' logic over one engine, tokenizer and model name."""
 
-    def __init__(self, engine: Engine, tokenizer: Any, model_name: str, max_request_bytes: int) -> None:
+    def __init__(self, engine: Engine, tokenizer: Any, model_name: str, max_request_bytes: int,
+                 adapters: Sequence[str]) -> None:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.adapters = list(adapters)
         self.max_request_bytes = max_request_bytes
         self.metrics = _Metrics(engine)
         self.created = int(time.time())
 
     async def _read(self, request: Request, model: type[R]) -> R:
         req = _parse(model, await _read_body(request, self.max_request_bytes))
-        if req.model is not None and req.model != self.model_name:
-            raise APIError(404, f"model {req.model!r} not found; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
+        if req.model is not None and req.model != self.model_name and req.model not in self.adapters:
+            known = ", ".join(repr(n) for n in [self.model_name, *self.adapters])
+            raise APIError(404, f"model {req.model!r} not found; this server serves {known}", param="model",
+                           code="model_not_found")
         if isinstance(req, SamplingRequest) and req.n not in (None, 1):
             raise APIError(400, "n must be 1: this server makes one choice per prompt", param="n")
         return req
@@ -631,12 +637,18 @@ class _Server:
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
 
+    def _served(self, req: ModelRequest) -> tuple[str, dict[str, str]]:
+        """The name a (checked) request is answered under, and the engine's keywords for it: its adapter, if any."""
+        if req.model is None or req.model == self.model_name:
+            return self.model_name, {}
+        return req.model, {"adapter": req.model}
+
     def _job(self, index: int, base_id: str, ids: list[int], params: SamplingParams, max_tokens: int,
              stops: Sequence[str], started: float, logprobs: int | None = None, prompt_logprobs: int | None = None,
-             echo_text: str | None = None) -> _Job:
+             echo_text: str | None = None, adapter: dict[str, str] | None = None) -> _Job:
         try:
             outputs = self.engine.generate(f"{base_id}-{index}", ids, params, logprobs=logprobs,
-                                           prompt_logprobs=prompt_logprobs)
+                                           prompt_logprobs=prompt_logprobs, **(adapter or {}))
         except Exception as exc:  # an engine that refuses at the call rather than at its first output
             raise _engine_error(exc) from None
         return _Job(index, ids, outputs, max_tokens, _StopText(self.tokenizer, stops), self.metrics, started,
@@ -681,10 +693,11 @@ class _Server:
             # Nothing to stop early, and the one token must stay in the output even when it is a stop id: lm-eval
             # scores a continuation (echo, logprobs, max_tokens 1) by dropping the last entry, the generated one.
             params = replace(params, stop_ids=())
-        fmt = _CompletionFormat(self.model_name, self.tokenizer, req.logprobs)
+        name, adapter = self._served(req)
+        fmt = _CompletionFormat(name, self.tokenizer, req.logprobs)
         want_prompt_logprobs = req.logprobs if req.echo else None
         jobs = [self._job(i, fmt.id, ids, params, max_tokens, req.stop, started, req.logprobs, want_prompt_logprobs,
-                          text if req.echo else None) for i, (ids, text) in enumerate(prompts)]
+                          text if req.echo else None, adapter) for i, (ids, text) in enumerate(prompts)]
         return await self._respond(request, jobs, fmt, bool(req.stream), _include_usage(req))
 
     async def chat(self, request: Request) -> Response:
@@ -704,8 +717,10 @@ class _Server:
         self._check_fit(len(ids), max_tokens, "messages")
         params = self._sampling(req, max_tokens)
         top = req.top_logprobs or 0
-        fmt = _ChatFormat(self.model_name, self.tokenizer, bool(req.logprobs), top)
-        jobs = [self._job(0, fmt.id, ids, params, max_tokens, req.stop, started, top if req.logprobs else None)]
+        name, adapter = self._served(req)
+        fmt = _ChatFormat(name, self.tokenizer, bool(req.logprobs), top)
+        jobs = [self._job(0, fmt.id, ids, params, max_tokens, req.stop, started, top if req.logprobs else None,
+                          adapter=adapter)]
         return await self._respond(request, jobs, fmt, bool(req.stream), _include_usage(req))
 
     async def tokenize(self, request: Request) -> Response:
@@ -727,8 +742,11 @@ class _Server:
                                    model_max_length=self.engine.max_model_len))
 
     async def models(self) -> Response:
-        card = ModelCard(id=self.model_name, created=self.created, max_model_len=self.engine.max_model_len)
-        return _json(ModelList(data=[card]))
+        context = self.engine.max_model_len
+        cards = [ModelCard(id=self.model_name, created=self.created, max_model_len=context)]
+        cards += [ModelCard(id=name, created=self.created, max_model_len=context, parent=self.model_name)
+                  for name in self.adapters]
+        return _json(ModelList(data=cards))
 
     async def metrics_text(self) -> Response:  # async: engine.stats() is read on the event loop, not a thread
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -739,14 +757,20 @@ def _include_usage(req: SamplingRequest) -> bool:
 
 
 def create_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | None = None,
-               max_request_bytes: int = 1 << 20) -> FastAPI:
+               max_request_bytes: int = 1 << 20, adapters: Sequence[str] | None = None) -> FastAPI:
     """The OpenAI-compatible app serving `engine` under `model_name`.
+
+    adapters: the names of the engine's LoRA adapters, each served as a model of its own (default: the engine's
+    `adapter_names`, if it has any); ValueError when one is the base model's name or repeats.
 
     api_key: when set, /v1 and tokenizer requests need `Authorization: Bearer <api_key>` (/health and /metrics
     stay open).
     max_request_bytes: larger bodies get a 413 without being read.
     """
-    server = _Server(engine, tokenizer, model_name, max_request_bytes)
+    adapters = list(getattr(engine, "adapter_names", ()) if adapters is None else adapters)
+    if model_name in adapters or len(set(adapters)) < len(adapters):
+        raise ValueError(f"served names must differ: model {model_name!r}, adapters {adapters}")
+    server = _Server(engine, tokenizer, model_name, max_request_bytes, adapters)
 
     async def authorize(request: Request) -> None:
         if api_key is None:

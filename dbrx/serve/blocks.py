@@ -6,7 +6,9 @@ it is never handed out, so padded block tables and padded slot mappings can poin
 sequence's cache.
 
 Prefix caching: a full block is named by `chain_hash(parent, its token ids)`, where the parent is the previous
-block's hash (`ROOT_HASH` for the first), so equal hashes mean equal whole prefixes. Cached blocks are shared
+block's hash (`ROOT_HASH` for the first), so equal hashes mean equal whole prefixes. A sequence with a `salt` (the
+name of the LoRA adapter it runs under) starts its chain from a root of its own, `root_hash(salt)`: its blocks
+match only those of sequences with the same salt, whose KV was computed by the same weights. Cached blocks are shared
 between sequences with reference counts; a cached block whose count drops to 0 keeps its hash on an LRU free list
 and is evicted (hash dropped) only when a block is needed and no uncached free block remains.
 
@@ -26,6 +28,13 @@ ROOT_HASH = hashlib.blake2b(b"dbrx.serve.blocks root", digest_size=16).digest()
 
 class NoFreeBlocks(RuntimeError):
     """The pool cannot hold the request; the pool was left unchanged."""
+
+
+def root_hash(salt: str | None = None) -> bytes:
+    """The parent of a sequence's first block: ROOT_HASH, or a root of the salt's own (keyed, never a block's hash)."""
+    if salt is None:
+        return ROOT_HASH
+    return hashlib.blake2b(salt.encode(), digest_size=16, key=ROOT_HASH, person=b"dbrx.salt").digest()
 
 
 def chain_hash(parent: bytes, token_ids: Sequence[int]) -> bytes:
@@ -77,8 +86,9 @@ class BlockPool:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def allocate_prompt(self, token_ids: Sequence[int]) -> tuple[list[int], int]:
-        """Blocks for a new sequence: the longest cached prefix of full blocks, then fresh ones.
+    def allocate_prompt(self, token_ids: Sequence[int], salt: str | None = None) -> tuple[list[int], int]:
+        """Blocks for a new sequence: the longest cached prefix of full blocks (of sequences with the same salt), then
+        fresh ones.
 
         Returns (block ids, tokens already computed). The last token is never counted as computed, because its
         logits are needed: hits are looked up only among the full blocks of token_ids[:-1].
@@ -88,7 +98,7 @@ class BlockPool:
         bs = self.block_size
         hits: list[int] = []
         if self.enable_prefix_cache:
-            parent = ROOT_HASH
+            parent = root_hash(salt)
             for i in range((len(token_ids) - 1) // bs):
                 parent = chain_hash(parent, token_ids[i * bs : (i + 1) * bs])
                 block = self._cached.get(parent)
@@ -115,8 +125,9 @@ class BlockPool:
         if need > 0:
             block_ids.extend(self._take(need))
 
-    def commit_full_blocks(self, block_ids: Sequence[int], token_ids: Sequence[int]) -> None:
-        """Register the full blocks of a sequence whose `token_ids` (the computed ones only) are in the cache.
+    def commit_full_blocks(self, block_ids: Sequence[int], token_ids: Sequence[int], salt: str | None = None) -> None:
+        """Register the full blocks of a sequence whose `token_ids` (the computed ones only) are in the cache, under
+        the sequence's salt (as given to allocate_prompt).
 
         A block whose hash another block already holds stays an uncached duplicate: one block per hash.
         """
@@ -128,7 +139,7 @@ class BlockPool:
         start = full
         while start > 0 and block_ids[start - 1] not in self._hash:
             start -= 1
-        parent = self._hash[block_ids[start - 1]] if start else ROOT_HASH
+        parent = self._hash[block_ids[start - 1]] if start else root_hash(salt)
         for i in range(start, full):
             parent = chain_hash(parent, token_ids[i * bs : (i + 1) * bs])
             self._hash[block_ids[i]] = parent

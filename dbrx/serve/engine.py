@@ -12,14 +12,19 @@ seed) through the exponential race (argmax p / E with E ~ Exp(1) is a sample fro
 gives the same tokens whatever else runs. Greedy rows take the argmax. `AsyncEngine` runs the steps in a
 background thread and streams each request's outputs to an asyncio consumer.
 
-Imports: dbrx.model (through the model object), dbrx.kernels.paged_attention, dbrx.sampling (SamplingParams),
-dbrx.tokens, dbrx.serve.blocks / scheduler.
+LoRA adapters: on a model with several adapters attached (dbrx.lora.multi), a request may name one; a step mixes
+requests of any adapters and the base model, each token running with its request's adapter slot (set around the
+forward, the model unaware), and a request's prefix-cache blocks are shared only with requests of its adapter.
+
+Imports: dbrx.model (through the model object), dbrx.kernels.paged_attention, dbrx.lora.multi (adapter_set),
+dbrx.sampling (SamplingParams), dbrx.tokens, dbrx.serve.blocks / scheduler.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import math
 import threading
@@ -29,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dbrx.kernels.paged_attention import BACKENDS, PagedMetadata, default_backend
+from dbrx.lora.multi import adapter_set
 from dbrx.sampling import SamplingParams
 from dbrx.tokens import REAL_VOCAB_SIZE, UNUSED_IDS
 
@@ -125,12 +131,33 @@ class Engine:
                                     device=self.device)
         self._extra: dict[str, _Extra] = {}  # the requests in flight, by id
         self._ids = itertools.count()
+        self.adapters = adapter_set(model)  # the LoRA adapters requests may name (None: none)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.adapters.names) if self.adapters is not None else []
+
+    def _adapter_slot(self, adapter: str | None) -> int:
+        if adapter is None:
+            return 0
+        if self.adapters is None:
+            raise ValueError(f"unknown adapter {adapter!r}: this model has no adapters")
+        return self.adapters.slot(adapter)
+
+    def _with_slots(self, slots: list[int]):
+        """The context the model's forward runs in: each token's adapter slot (none when all are the base's)."""
+        if self.adapters is None:
+            return contextlib.nullcontext()
+        active = torch.tensor(slots, dtype=torch.long, device=self.device) if any(slots) else None
+        return self.adapters.active(active)
 
     # ---- requests ---------------------------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt_ids: Sequence[int], params: SamplingParams,
-                    logprobs: int | None = None) -> str:
-        """Queue a request; ValueError when it cannot be served, QueueFull when the waiting queue is full."""
+                    logprobs: int | None = None, adapter: str | None = None) -> str:
+        """Queue a request (under LoRA adapter `adapter`, None: the base model); ValueError when it cannot be served,
+        QueueFull when the waiting queue is full."""
         params.validate()
+        self._adapter_slot(adapter)  # an unknown adapter is a ValueError
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._extra:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -142,7 +169,8 @@ class Engine:
             raise ValueError(f"logprobs must be in [0, 20], got {logprobs}")
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise QueueFull(f"{len(self.scheduler.waiting)} requests are waiting (the limit)")
-        req = Request(request_id=request_id, prompt_ids=prompt, max_tokens=params.max_new_tokens, sampling=params)
+        req = Request(request_id=request_id, prompt_ids=prompt, max_tokens=params.max_new_tokens, sampling=params,
+                      adapter=adapter)
         self.scheduler.add(req)  # ValueError for an empty prompt or one that cannot fit max_model_len
         gen = None
         if params.seed is not None:
@@ -171,10 +199,12 @@ class Engine:
         if not scheduled:
             return []
         ids, pos, slots, qlens, lens, tables, want, sampling = [], [], [], [], [], [], [], []
+        adapter_slots: list[int] = []  # (N,) each token's adapter slot
         for req, n in scheduled:
             start = req.num_computed
             all_ids = req.all_ids
             ids += all_ids[start : start + n]
+            adapter_slots += [self._adapter_slot(req.adapter)] * n
             pos += range(start, start + n)
             slots += self.pool.slots(req.block_ids, start, start + n)
             qlens.append(n)
@@ -191,8 +221,9 @@ class Engine:
         meta = PagedMetadata(torch.tensor(slots, dtype=torch.long, device=dev), block_tables.to(dev), qlens, lens,
                              backend=self.attention_backend)
         sampled: dict[str, int | None] = {req.request_id: None for req, _ in scheduled}
-        logits = self.model.forward_paged(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta,
-                                          self.kv_caches, torch.tensor(want, dtype=torch.long, device=dev))  # (M, V)
+        with self._with_slots(adapter_slots):  # (M, V)
+            logits = self.model.forward_paged(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta,
+                                              self.kv_caches, torch.tensor(want, dtype=torch.long, device=dev))
         if want:  # (M = 0: prefill chunks only, the step just fills the KV cache)
             tokens, logprobs = self._sample(logits, sampling)
             for req, tok, lp in zip(sampling, tokens, logprobs):
@@ -234,13 +265,15 @@ class Engine:
         return logits
 
     @torch.inference_mode()
-    def prompt_logprobs(self, prompt_ids: Sequence[int], top: int) -> list[dict | None]:
+    def prompt_logprobs(self, prompt_ids: Sequence[int], top: int, adapter: str | None = None) -> list[dict | None]:
         """Log-probability of each prompt token given the ones before it (None for the first), with the `top` most
-        likely alternatives: one dense forward of the prompt (what log-likelihood scoring needs)."""
+        likely alternatives: one dense forward of the prompt (what log-likelihood scoring needs), under `adapter`."""
         ids = list(prompt_ids)
         if not ids or len(ids) > self.max_model_len:
             raise ValueError(f"the prompt must have 1 to {self.max_model_len} tokens, got {len(ids)}")
-        lp = torch.log_softmax(self._mask_vocab(self.model(torch.tensor([ids], device=self.device))[0]), -1)
+        with self._with_slots([self._adapter_slot(adapter)] * len(ids)):
+            logits = self.model(torch.tensor([ids], device=self.device))[0]  # (T, V)
+        lp = torch.log_softmax(self._mask_vocab(logits), -1)
         out: list[dict | None] = [None]
         for t in range(1, len(ids)):
             k = lp[t - 1].topk(top) if top else None
@@ -338,16 +371,20 @@ class AsyncEngine:
                 self._wake.wait(0.05)
                 self._wake.clear()
 
-    def _admit(self, request_id, prompt_ids, params, logprobs) -> None:
+    def _admit(self, request_id, prompt_ids, params, logprobs, adapter) -> None:
         with self._lock:
-            self.engine.add_request(request_id, prompt_ids, params, logprobs)
+            self.engine.add_request(request_id, prompt_ids, params, logprobs, adapter)
 
-    def _prompt_logprobs(self, prompt_ids, top) -> list[dict | None]:
+    def _prompt_logprobs(self, prompt_ids, top, adapter) -> list[dict | None]:
         with self._lock:
-            return self.engine.prompt_logprobs(prompt_ids, top)
+            return self.engine.prompt_logprobs(prompt_ids, top, adapter)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return self.engine.adapter_names
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       logprobs: int | None = None, prompt_logprobs: int | None = None
+                       logprobs: int | None = None, prompt_logprobs: int | None = None, adapter: str | None = None
                        ) -> AsyncIterator[RequestOutput]:
         queue: asyncio.Queue = asyncio.Queue()
         if request_id in self._queues:
@@ -356,13 +393,13 @@ class AsyncEngine:
         finished = False
         try:
             try:
-                await asyncio.to_thread(self._admit, request_id, prompt_ids, params, logprobs)  # off the event loop
+                await asyncio.to_thread(self._admit, request_id, prompt_ids, params, logprobs, adapter)  # off the loop
             except (ValueError, QueueFull):
                 finished = True  # refused: nothing to abort
                 raise
             prompt_lps = None
             if prompt_logprobs is not None:  # a forward of the whole prompt: off the event loop too
-                prompt_lps = await asyncio.to_thread(self._prompt_logprobs, prompt_ids, prompt_logprobs)
+                prompt_lps = await asyncio.to_thread(self._prompt_logprobs, prompt_ids, prompt_logprobs, adapter)
             self._wake.set()
             while True:
                 out = await queue.get()

@@ -247,11 +247,14 @@ class TokenizerInfo(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """A served model: the base model, or a LoRA adapter on it (`parent` its id, as vLLM lists adapters)."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "databricks"
     max_model_len: int
+    parent: str | None = None
 
 
 class ModelList(BaseModel):

@@ -28,7 +28,8 @@ class Status(enum.Enum):
 
 @dataclass(eq=False)
 class Request:
-    """One generation request. `sampling` is opaque here, except an optional `stop_ids` attribute."""
+    """One generation request. `sampling` is opaque here, except an optional `stop_ids` attribute. `adapter`: the
+    LoRA adapter it runs under (None: the base model), which salts its prefix-cache hashes."""
 
     request_id: str
     prompt_ids: list[int]
@@ -40,6 +41,7 @@ class Request:
     status: Status = Status.WAITING
     arrival: int = -1  # set by Scheduler.add: the order of arrival
     finish_reason: str | None = None  # "stop", "length" or "abort"
+    adapter: str | None = None
 
     @property
     def all_ids(self) -> list[int]:
@@ -150,7 +152,7 @@ class Scheduler:
         while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             try:
-                request.block_ids, request.num_computed = self.pool.allocate_prompt(request.all_ids)
+                request.block_ids, request.num_computed = self.pool.allocate_prompt(request.all_ids, request.adapter)
             except NoFreeBlocks:
                 break  # FCFS: later requests do not overtake the head of the queue
             self.waiting.popleft()
@@ -173,7 +175,8 @@ class Scheduler:
             request.num_computed += n
             assert request.num_computed <= request.num_tokens
             if request.num_computed // bs > before // bs:  # a block filled up: share it
-                self.pool.commit_full_blocks(request.block_ids, request.all_ids[: request.num_computed])
+                self.pool.commit_full_blocks(request.block_ids, request.all_ids[: request.num_computed],
+                                             request.adapter)
             if request.num_computed < request.num_tokens:
                 continue  # mid-prefill: no logits to sample from yet
             token = sampled.get(request.request_id)
