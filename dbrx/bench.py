@@ -11,13 +11,16 @@ With `--compare transformers`, `logits_rel_err` is |ours - theirs| / |theirs| ov
 the benchmark's tokens (about 1e-2 in bf16 when both compute the same function); if transformers runs out of
 memory, its entry says so and ours stands. `--estimate-memory` runs nothing: it traces the eager step on fake
 tensors and reports its estimated peak memory (dbrx/memory.py), for any size on any machine; `--optimizer adamw`
-adds the optimizer's state. `--lora RANK` benchmarks (or estimates) the step of LoRA adapters on the frozen model.
+adds the optimizer's state. `--lora RANK` benchmarks (or estimates) the step of LoRA adapters on the frozen model;
+`--qlora 8|4` with it quantizes that frozen base first as `dbrx quantize` does (QLoRA: attention and experts by
+default, `--quant-targets` for more; int4 in groups of `--group-size`), on the CPU as the trainer's QLoRA runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import gc
 import statistics
 import time
@@ -136,13 +139,18 @@ def run_bench(
     estimate_memory: bool = False,
     lora=None,
     optimizer: str | None = None,
+    qlora: int | None = None,
+    group_size: int | None = None,
+    quant_targets=None,
 ) -> dict:
     """Benchmark one `train` step or one `prefill`; returns the report (see the module docstring).
 
     With `estimate_memory`, nothing runs: the step is traced on fake tensors and its peak memory estimated
     (dbrx.memory), for any size on any machine. `lora` (a dbrx.lora.LoraConfig): the step of LoRA adapters on the
     frozen model. `optimizer` ('adamw' or 'lionw', estimates only): add the optimizer's fp32 state of the trainable
-    parameters (two tensors each for AdamW, one for LionW), which lives through the step.
+    parameters (two tensors each for AdamW, one for LionW), which lives through the step. `qlora` (8 or 4, with
+    `lora`): QLoRA, the base quantized by dbrx.quant.quantize_model (`group_size`, `quant_targets` as there; default
+    attention and experts, what `dbrx quantize` writes) before the adapters are applied; measured on the CPU only.
     """
     from .config import DbrxConfig
     from .kernels.experts import resolve_backend
@@ -171,19 +179,28 @@ def run_bench(
         lora.validate()
         if compare:
             raise ValueError("--lora cannot be compared with transformers (drop --compare)")
+    quant = _qlora_spec(cfg, lora, qlora, group_size, quant_targets, compile)
     if estimate_memory:
         if compare or compile:
             raise ValueError("--estimate-memory traces our eager step only: drop --compare and --compile")
         return _estimate(kind, cfg, preset, overrides, batch, seq_len, dtype, torch_dtype, checkpointing, backend,
-                         lora, optimizer)
+                         lora, optimizer, quant)
     if optimizer:
         raise ValueError("--optimizer adds optimizer state to memory estimates only (with --estimate-memory)")
     dev = resolve_device(device)
+    if quant is not None and dev.type != "cpu":
+        raise ValueError(f"--qlora runs on the CPU only (torch's weight-only kernels, as the trainer's QLoRA), got "
+                         f"device {dev}: add --device cpu, or estimate with --estimate-memory")
     peak = peak if peak is not None else peak_tflops(dev)
 
     model = DbrxForCausalLM.from_config(cfg, device=dev, dtype=torch_dtype, seed=seed)
     model.train(kind == "train")
     w1 = model.transformer.blocks[0].ffn.experts.mlp.w1
+    if quant is not None:  # QLoRA: quantized, then adapted (the trainer loads the quantized base, then applies LoRA)
+        from .quant import quantize_model
+
+        quantize_model(model, quant.bits, quant.group_size, quant.targets)
+        model.train(kind == "train")
     if lora is not None:
         from .lora import apply_lora
 
@@ -202,7 +219,7 @@ def run_bench(
         device=str(dev), device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         torch=torch.__version__, date=datetime.date.today().isoformat(), compile=compile,
         checkpointing=checkpointing, backend=backend, expert_backend=expert_backend, steps=steps, warmup=warmup,
-        lora=_lora_report(lora),
+        lora=_lora_report(lora), qlora=_qlora_report(quant),
         params_total=cfg.num_params()["total"], active_matmul_params=active_matmul_params(cfg), peak_tflops=peak,
     )
     report.update(_measure(kind, _step_fn(kind, model, ids), cfg, batch, seq_len, steps, warmup, dev, peak))
@@ -241,22 +258,95 @@ def _lora_report(lora) -> dict | None:
     return None if lora is None else dict(rank=lora.rank, alpha=lora.alpha, targets=list(lora.targets))
 
 
+def _qlora_spec(cfg, lora, bits, group_size, targets, compile):
+    """The dbrx.quant.QuantSpec of `--qlora BITS [--group-size G] [--quant-targets ...]`, or None without --qlora."""
+    if bits is None:
+        if group_size is not None or targets is not None:
+            raise ValueError("--group-size and --quant-targets set how --qlora quantizes the base: add --qlora BITS")
+        return None
+    if lora is None:
+        raise ValueError("--qlora quantizes the frozen base of a LoRA step: add --lora RANK")
+    if compile:
+        raise ValueError("--qlora cannot be compiled: in a training step the quantized experts run one pair of kernel "
+                         "calls per expert on its routed rows, whose counts are read on the host (data-dependent "
+                         "shapes), and compile_blocks needs one whole graph per block (compiled quantized decoding "
+                         "works: `dbrx bench decode --bits 8|4 --compile`)")
+    from .quant import DEFAULT_TARGETS, QuantSpec
+
+    return QuantSpec.make(cfg, bits, group_size, DEFAULT_TARGETS if targets is None else targets)
+
+
+def _qlora_report(quant) -> dict | None:
+    return None if quant is None else dict(bits=quant.bits, group_size=quant.group_size, targets=list(quant.targets))
+
+
+def _quantized_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the quantized modules' tensors (codes, scales, zeros; in the layouts the kernels read)."""
+    from .quant.layers import QuantEmbedding, QuantExperts, QuantLinear
+
+    return sum(b.numel() * b.element_size() for m in model.modules()
+               if isinstance(m, (QuantLinear, QuantEmbedding, QuantExperts)) for b in m.buffers())
+
+
+def _balanced_routing(cfg, tokens: int):
+    """The values of the host reads of a QLoRA step, for a trace on fake tensors (which hold none): each expert's
+    count of routed rows (an int32 tensor of E counts, read by the quantized experts' per-expert loop), taken as
+    balanced, tokens * top_k / E each; and dbrx.quant.grad's check that torch's int4 layout permutes its codes (it
+    does). Any other read is an error."""
+    E, K = cfg.ffn_config.moe_num_experts, cfg.ffn_config.moe_top_k
+    rows = tokens * K
+
+    def scalar(t: torch.Tensor):
+        if t.dtype == torch.bool:
+            return False
+        if t.dtype == torch.int32 and t.untyped_storage().nbytes() == 4 * E:  # element e of the (E,) counts
+            e = t.storage_offset()
+            return rows // E + (e < rows % E)
+        raise ValueError(f"--estimate-memory: the step reads a {t.dtype} value on the host, which a trace on fake "
+                         f"tensors cannot give")
+
+    return scalar
+
+
+@contextlib.contextmanager
+def _fresh_int4_layout_cache():
+    """dbrx.quant.grad caches, per int4 matrix shape, where torch's kernel layout puts each code; traced on fake
+    tensors, the step must start from an empty cache, as a new process does (and count the permutations it makes),
+    and leave no fake tensors in the real one."""
+    from .quant import grad
+
+    cached = grad._int4_kernel_order
+    grad._int4_kernel_order = functools.lru_cache(maxsize=cached.cache_info().maxsize)(cached.__wrapped__)
+    try:
+        yield
+    finally:
+        grad._int4_kernel_order = cached
+
+
 def _estimate(kind, cfg, preset, overrides, batch, seq_len, dtype, torch_dtype, checkpointing, backend, lora=None,
-              optimizer=None) -> dict:
+              optimizer=None, quant=None) -> dict:
     from .kernels.experts import resolve_backend
     from .memory import estimate_peak
     from .model import DbrxForCausalLM
     from .parallel.activation_checkpoint import apply_activation_checkpointing
 
+    float_experts = quant is None or "experts" not in quant.targets
     w = torch.empty(1, 1, 1, dtype=torch_dtype).expand(1, cfg.ffn_config.ffn_hidden_size, cfg.d_model)  # (E, F, D)
-    if resolve_backend(backend, torch.empty(1, cfg.d_model, dtype=torch_dtype), w) == "loop":
+    if float_experts and resolve_backend(backend, torch.empty(1, cfg.d_model, dtype=torch_dtype), w) == "loop":
         raise ValueError("--estimate-memory traces the grouped expert path, which needs torch >= 2.8 "
                          "(torch._grouped_mm), 16-byte aligned d_model and ffn_hidden_size, and --backend auto "
                          "or grouped_mm; the loop reference reads group sizes on the host and cannot be traced")
 
+    sizes = dict(quantized=0)
+
     def build():
         with _default_dtype(torch_dtype):  # built in the dtype: `.to()` cannot swap fake parameters
             model = DbrxForCausalLM(cfg)
+        if quant is not None:  # QLoRA: the real quantization, on fake weights, before the adapters
+            from .quant import quantize_model
+
+            quantize_model(model, quant.bits, quant.group_size, quant.targets)
+            sizes["quantized"] = _quantized_bytes(model)
         model.train(kind == "train")
         if lora is not None:  # before checkpointing, as the trainer applies it
             from .lora import apply_lora
@@ -275,18 +365,29 @@ def _estimate(kind, cfg, preset, overrides, batch, seq_len, dtype, torch_dtype, 
             with torch.no_grad():
                 model(ids)
 
-    est = estimate_peak(build, step)
+    if quant is None:
+        est = estimate_peak(build, step)
+        how = "fake tensors, eager step (see dbrx/memory.py)"
+    else:
+        with _fresh_int4_layout_cache():
+            est = estimate_peak(build, step, scalar=_balanced_routing(cfg, batch * seq_len))
+        how = ("fake tensors, eager step (see dbrx/memory.py); the base quantized by dbrx.quant.quantize_model on fake "
+               "weights, the quantized layers traced through torch's CPU weight-only kernels; expert routing taken "
+               "as balanced (the quantized experts read their row counts on the host)")
     gb = 1e9
     trainable = est["trainable_params"]
     optim_bytes = trainable * 4 * {None: 0, "adamw": 2, "lionw": 1}[optimizer] if kind == "train" else 0
-    return dict(
+    report = dict(
         bench=kind, preset=preset, overrides=overrides or {}, batch=batch, seq_len=seq_len, dtype=dtype,
         checkpointing=checkpointing, backend=backend, torch=torch.__version__, lora=_lora_report(lora),
-        estimate="fake tensors, eager step (see dbrx/memory.py)", params_gb=est["params"] / gb,
+        qlora=_qlora_report(quant), estimate=how, params_gb=est["params"] / gb,
         trainable_params=trainable, optimizer=optimizer, optimizer_state_gb=optim_bytes / gb,
         estimated_peak_memory_gb=(est["peak"] + optim_bytes) / gb,
         largest_at_peak=[f"{t['bytes'] / gb:.2f} GB {t['tensor']}" for t in est["at_peak"]],
     )
+    if quant is not None:  # the frozen base's quantized tensors (buffers, not parameters); in the peak
+        report["quantized_weights_gb"] = sizes["quantized"] / gb
+    return report
 
 
 # ---- decode -----------------------------------------------------------------------------------------------------
@@ -297,11 +398,14 @@ dbrx.loading); `--bits 8|4` quantizes it in memory (dbrx.quant: attention, exper
 Each batch size runs a random prompt of --prompt-len tokens through prefill, then --new-tokens greedy decode steps,
 timed (prefill excluded), through the model's own contiguous KV cache (`setup_cache`, one forward of (B, 1) tokens
 per step with `cache_pos`): at batch 1 on the CPU this direct loop measured faster than the serving engine's
-paged step. `--compile` runs the decode step under torch.compile with static shapes (compiled in the warm-up round,
-which is not timed). The median over --rounds is reported. bandwidth_gb_s = weight bytes read per step / step time,
-where a step reads every weight once except the experts, of which only the active ones count (top_k per layer at
-batch 1; the expected number of distinct experts under uniform routing, E * (1 - (1 - k/E)^B), at batch B), and the
-embedding, of which B rows count; KV-cache reads are not counted.
+paged step. A step computes the logits of its last position only (the prefill too) and no router statistics. On the
+CPU an fp32 LM head is stored column-major (`column_major_head`: same weights, its (V, D) parameter a view of the
+contiguous transpose), the faster layout for its batch-1 matmul. `--compile` runs the decode step under
+torch.compile with static shapes (compiled in the warm-up round, which is not timed); the experts' batch-1 loop
+compiles into the graph (`compiled_decode_step`). The median over --rounds is reported. bandwidth_gb_s = weight
+bytes read per step / step time, where a step reads every weight once except the experts, of which only the active
+ones count (top_k per layer at batch 1; the expected number of distinct experts under uniform routing,
+E * (1 - (1 - k/E)^B), at batch B), and the embedding, of which B rows count; KV-cache reads are not counted.
 With `--compare transformers` (float weights only), transformers' DbrxForCausalLM with the same config and weights
 runs `generate` (greedy, the same prompt, KV cache) in the same rounds, alternating with ours; its step time is
 (time of 1 + N new tokens - time of 1 new token) / N. `same_tokens` is the share of greedy tokens it agrees on."""
@@ -332,14 +436,40 @@ def decode_weight_bytes(model, batch: int) -> dict:
     return dict(weight_bytes=total, weight_bytes_per_step=int(per_step))
 
 
+def column_major_head(model) -> bool:
+    """Store an fp32 LM head column-major on the CPU: the same (V, D) parameter (values, shape, name), its storage
+    the contiguous (D, V) transpose, so that a batch-1 head matmul streams V-long rows instead of V dot products of
+    length D. Measured at batch 1, 1 thread: 2.1x faster at d_model 64, 1.2x at 1024 (BENCHMARKS.md, issue 11); the
+    same layout is slower for some smaller fp32 matrices and 5-14x slower in bf16, so only an fp32 head gets it.
+    Returns False, changing nothing, for another dtype, a quantized head or off the CPU. Saving is unaffected
+    (save_pretrained writes contiguous copies)."""
+    w = getattr(model.lm_head, "weight", None)
+    if not isinstance(w, torch.nn.Parameter) or w.device.type != "cpu" or w.dtype != torch.float32:
+        return False
+    model.lm_head.weight = torch.nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
+    return True
+
+
 def decode_step(model, tok: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """One greedy step through the contiguous KV cache: tok (B, 1), mask (B, Tmax), pos (1,) -> next ids (B,)."""
-    return model(tok, attention_mask=mask, cache_pos=pos)[:, -1].argmax(-1)
+    """One greedy step through the contiguous KV cache: tok (B, T), mask (B, Tmax), pos (T,) -> next ids (B,), from
+    the last position's logits only, without router statistics (T > 1: the prefill)."""
+    h, _ = model.hidden_states(tok, attention_mask=mask, cache_pos=pos, with_stats=False)  # (B, T, D)
+    return model.lm_head(h[:, -1]).argmax(-1)  # (B, V) -> (B,)
 
 
 def compiled_decode_step(model):
-    """`decode_step` of `model` under torch.compile with static shapes (one graph per batch size and cache length)."""
-    return torch.compile(lambda tok, mask, pos: decode_step(model, tok, mask, pos), dynamic=False)
+    """`decode_step` of `model` under torch.compile with static shapes (one graph per batch size and cache length).
+
+    Dynamo captures scalar outputs here, so that the experts' batch-1 loop (dbrx.kernels.experts.expert_loop, float
+    and quantized) compiles into the graph: the chosen ids become unbacked integers, each chosen expert's weights
+    are read in place, and no expert but the chosen runs (without it the float experts would run densely, all E)."""
+    step = torch.compile(lambda tok, mask, pos: decode_step(model, tok, mask, pos), dynamic=False)
+
+    def run(tok, mask, pos):
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            return step(tok, mask, pos)
+
+    return run
 
 
 @torch.no_grad()
@@ -353,7 +483,7 @@ def decode_greedy(model, prompt: torch.Tensor, new_tokens: int, step=None) -> tu
     model.setup_cache(B, P + new_tokens + 1)
     try:
         mask = torch.ones(B, P + new_tokens + 1, dtype=torch.long, device=dev)
-        tok = model(prompt, attention_mask=mask, cache_pos=torch.arange(P, device=dev))[:, -1].argmax(-1)  # (B,)
+        tok = decode_step(model, prompt, mask, torch.arange(P, device=dev))  # (B,) the prefill, eager
         out = [tok]
         positions = torch.arange(P, P + new_tokens, device=dev)
         _sync(dev)
@@ -453,13 +583,15 @@ def run_decode_bench(
             check_device(dev)  # the CPU, or CUDA with Triton
             quantize_model(model, bits, group_size, quant_targets)
         spec = getattr(model, "quantization", None)
+        head_layout = "column-major" if column_major_head(model) else "as loaded"
         report = dict(
             bench="decode", preset=None if model_dir else preset, overrides=overrides or {}, model=model_dir,
             dtype=str(torch_dtype).removeprefix("torch."), device=str(dev),
             device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             quantization=spec.to_json() if spec is not None else None, threads=torch.get_num_threads(),
             prompt_len=prompt_len, new_tokens=new_tokens, rounds=rounds, torch=torch.__version__,
-            date=datetime.date.today().isoformat(), loop="direct (contiguous KV cache)", compile=compile, results=[],
+            date=datetime.date.today().isoformat(), loop="direct (contiguous KV cache)", head_layout=head_layout,
+            compile=compile, results=[],
         )
         gen = torch.Generator().manual_seed(seed)
         step_fn = compiled_decode_step(model) if compile else None

@@ -1,4 +1,4 @@
-"""GGUF export for llama.cpp: a Hugging Face-format DBRX checkpoint -> one `.gguf` file (f16, q8_0 or q4_0).
+"""GGUF export for llama.cpp: a Hugging Face-format DBRX checkpoint -> one `.gguf` file (f32, f16, q8_0 or q4_0).
 
 The file follows llama.cpp's own DBRX conversion (architecture `dbrx`), so llama.cpp and the tools built on it
 load it as they load a converted databricks/dbrx-instruct:
@@ -11,9 +11,11 @@ load it as they load a converted databricks/dbrx-instruct:
   (out, in): w1/v1 as they are, w2 (which we apply as h @ w2[e]) transposed.
 - types: the norms (1-D) f32; the router f32 always (tiny, and it picks the experts: llama.cpp's generic rule
   keeps ffn_gate_inp in f32 and llama-quantize never quantizes it; llama.cpp's DBRX converter writes it f16 in
-  an f16 file); every other matrix in the chosen type, except the output head of a q4_0 file, which is q8_0
-  (llama-quantize gives the head a higher-precision type too; it uses q6_K, which the `gguf` package cannot
-  write). q8_0/q4_0 need rows (the last numpy axis: D, or F for ffn_down_exps) that are multiples of 32.
+  an f16 file); every other matrix in the chosen type (f32: the checkpoint's values exactly), except the output
+  head of a q4_0 file, which is q8_0 (llama-quantize gives the head a higher-precision type too; it uses q6_K,
+  which the `gguf` package cannot write). q8_0/q4_0 quantize rows (the last numpy axis: D, or F for
+  ffn_down_exps) in blocks of 32; a matrix whose rows are not a multiple of 32 (the demo preset's ffn_down_exps,
+  F = 112) is written f16 instead, as llama.cpp's own converter falls back, and export_gguf reports it.
 - metadata: dbrx.{context_length, embedding_length, feed_forward_length, block_count, attention.head_count,
   attention.head_count_kv, rope.freq_base, attention.clamp_kqv, expert_count, expert_used_count,
   attention.layer_norm_epsilon = 1e-5}; general.{architecture, type, name, file_type, quantization_version};
@@ -53,13 +55,13 @@ try:
 except ImportError:
     raise ImportError('GGUF export needs the `gguf` package: pip install -e ".[gguf]"') from None
 
-TYPES = ("f16", "q8_0", "q4_0")
+TYPES = ("f32", "f16", "q8_0", "q4_0")
 LAYER_NORM_EPS = 1e-5  # DBRX's LayerNorms (torch's default eps)
 Q = gguf.GGMLQuantizationType
-_WEIGHT_TYPE = {"f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
-_HEAD_TYPE = {"f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q8_0}
-_FILE_TYPE = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+_WEIGHT_TYPE = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
+_HEAD_TYPE = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q8_0}
+_FILE_TYPE = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
 F16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -170,16 +172,17 @@ def chat_template() -> str:
 
 
 # ---- tensors --------------------------------------------------------------------------------------------------
-def tensor_type(gguf_name: str, ndim: int, qtype: str) -> gguf.GGMLQuantizationType:
-    """The GGML type a tensor is stored in (see the module docstring)."""
+def tensor_type(gguf_name: str, ndim: int, qtype: str, row: int | None = None) -> gguf.GGMLQuantizationType:
+    """The GGML type a tensor is stored in (see the module docstring); `row`: the length of its rows (the last
+    numpy axis), for the f16 fallback of rows that do not fit the quantization blocks."""
     if ndim == 1 or ".ffn_gate_inp." in gguf_name:
         return Q.F32
-    return _HEAD_TYPE[qtype] if gguf_name == "output.weight" else _WEIGHT_TYPE[qtype]
+    t = _HEAD_TYPE[qtype] if gguf_name == "output.weight" else _WEIGHT_TYPE[qtype]
+    return Q.F16 if row is not None and row % gguf.GGML_QUANT_SIZES[t][0] else t
 
 
 def _plan(cfg, qtype: str) -> list[tuple[str, str, tuple[int, ...], gguf.GGMLQuantizationType]]:
-    """(our name, GGUF name, numpy shape in the file, type) for every tensor, in the order the checkpoint is read;
-    ValueError naming the first tensor whose rows do not fit the quantization blocks."""
+    """(our name, GGUF name, numpy shape in the file, type) for every tensor, in the order the checkpoint is read."""
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DBRX, cfg.n_layers)
     plan = []
     for ours, shape in _expected_shapes(cfg).items():
@@ -188,12 +191,7 @@ def _plan(cfg, qtype: str) -> list[tuple[str, str, tuple[int, ...], gguf.GGMLQua
         name = name if name.endswith(".weight") else name + ".weight"  # the experts have no suffix in HF
         if name.endswith(".ffn_down_exps.weight"):
             shape = (shape[0], shape[2], shape[1])  # (E, F, D) -> (E, D, F): each expert stored (out, in)
-        ggml_type = tensor_type(name, len(shape), qtype)
-        block = gguf.GGML_QUANT_SIZES[ggml_type][0]
-        if shape[-1] % block:
-            raise ValueError(f"tensor {name} ({ours}) has rows of {shape[-1]} values, not a multiple of the "
-                             f"{ggml_type.name} block size {block}; export with --type f16")
-        plan.append((ours, name, tuple(shape), ggml_type))
+        plan.append((ours, name, tuple(shape), tensor_type(name, len(shape), qtype, shape[-1])))
     return plan
 
 
@@ -203,7 +201,7 @@ def _encode(x: np.ndarray, ggml_type, name: str) -> np.ndarray:
         amax = float(np.abs(x).max(initial=0.0))
         if amax > F16_MAX:
             raise ValueError(f"tensor {name} holds values up to {amax:g}, beyond float16's range; it cannot be "
-                             f"stored in an f16 file (try --type q8_0)")
+                             f"stored in float16 (try --type f32)")
     return gguf.quants.quantize(x, ggml_type)
 
 
@@ -271,11 +269,13 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike, qtype: str = "f1
                 progress: Callable[[str], None] | None = None) -> dict:
     """Write checkpoint directory `src` as the GGUF file `out` (replaced only once the new file is complete).
 
-    qtype: 'f16', 'q8_0' or 'q4_0'. name: `general.name` (default: the checkpoint directory's name). Returns
-    {'tensors', 'bytes', 'seconds'}. One-line errors: ValueError for an unknown type, a checkpoint that is not a
-    valid DBRX checkpoint (dbrx.hf_checkpoint's checks), a vocabulary that is not DBRX's, a model llama.cpp would
-    run differently, or rows that do not fit the quantization blocks; FileNotFoundError for a missing checkpoint
-    (or its config.json) or output directory.
+    qtype: 'f32', 'f16', 'q8_0' or 'q4_0'. name: `general.name` (default: the checkpoint directory's name).
+    Returns {'tensors', 'bytes', 'seconds', 'f16_fallback'}: the last lists the GGUF names of the matrices of a
+    q8_0 / q4_0 file written f16 because their rows are not a multiple of the block size 32 (llama.cpp's
+    converter falls back the same way). One-line errors: ValueError for an unknown type, a checkpoint that is not
+    a valid DBRX checkpoint (dbrx.hf_checkpoint's checks), a vocabulary that is not DBRX's, a model llama.cpp
+    would run differently, or values beyond float16's range in an f16 tensor; FileNotFoundError for a missing
+    checkpoint (or its config.json) or output directory.
     """
     if qtype not in TYPES:
         raise ValueError(f"unknown GGUF type {qtype!r}; choose one of {', '.join(TYPES)}")
@@ -323,7 +323,9 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike, qtype: str = "f1
                 os.unlink(tmp)
             raise
     fsync_path(out.parent)
-    return {"tensors": len(plan), "bytes": out.stat().st_size, "seconds": time.perf_counter() - start}
+    fallback = [g for _, g, _, t in plan if t == Q.F16 and _WEIGHT_TYPE[qtype] != Q.F16]
+    return {"tensors": len(plan), "bytes": out.stat().st_size, "seconds": time.perf_counter() - start,
+            "f16_fallback": fallback}
 
 
 __all__ = ["export_gguf", "TYPES", "byte_chars", "chat_template", "cl100k_tables", "tensor_type", "vocabulary"]

@@ -7,6 +7,10 @@ of the tracing machine's backend (the CPU's: flash attention saves the same (B, 
 torch's grouped matmul the same outputs), so it models what a step keeps alive, not what torch.compile fuses
 away, the CUDA caching allocator's rounding and fragmentation, or cuBLAS workspaces: expect the GPU's
 `max_memory_allocated` a little higher in eager and lower compiled.
+
+Fake tensors hold no values, so a step that reads one on the host (`.tolist()`, `bool(t)`: the quantized
+experts' per-expert loop reads its row counts) cannot be traced as it is; `scalar` answers such reads instead
+(dbrx.bench's QLoRA estimate: balanced routing).
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from torch.utils._pytree import tree_flatten
 class LiveMemory(TorchDispatchMode):
     """Counts the bytes of storages created inside the mode that are still alive; remembers the peak."""
 
-    def __init__(self, top: int = 8):
+    def __init__(self, top: int = 8, scalar: Callable[[torch.Tensor], object] | None = None):
         super().__init__()
         self.live: dict[int, tuple[int, str]] = {}  # storage id -> (bytes, what made it)
         self.current = self.peak = 0
         self.top, self.at_peak = top, []
+        self.scalar = scalar  # 0-d tensor -> the Python value a host read of it gives (fake tensors have none)
 
     def ignore(self, tensors) -> None:
         """Storages that exist before the step (parameters, inputs): never counted, even through views."""
@@ -37,6 +42,8 @@ class LiveMemory(TorchDispatchMode):
         self.current -= self.live.pop(key)[0]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and self.scalar is not None:
+            return self.scalar(args[0])  # `.item()`, `.tolist()`, `bool(t)`: one element each
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
@@ -54,8 +61,9 @@ class LiveMemory(TorchDispatchMode):
 
 
 def estimate_peak(build: Callable[[], tuple[torch.nn.Module, tuple[torch.Tensor, ...]]],
-                  step: Callable[..., object]) -> dict:
+                  step: Callable[..., object], scalar: Callable[[torch.Tensor], object] | None = None) -> dict:
     """Trace `step(model, *inputs)` on fake CPU tensors; `build()` makes the model and inputs (also faked).
+    `scalar(t)`: the value of a host read of the 0-d fake tensor t (without it such a read fails the trace).
 
     Returns bytes: params, peak (params + inputs + the step's peak of live tensors) and the largest tensors
     alive at the peak; and the number of trainable parameters (requires_grad).
@@ -68,7 +76,7 @@ def estimate_peak(build: Callable[[], tuple[torch.nn.Module, tuple[torch.Tensor,
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         buffers = sum(b.numel() * b.element_size() for b in model.buffers())
         input_bytes = sum(t.numel() * t.element_size() for t in inputs)
-        tracker = LiveMemory()
+        tracker = LiveMemory(scalar=scalar)
         tracker.ignore([*model.parameters(), *model.buffers(), *inputs])
         with tracker:
             step(model, *inputs)

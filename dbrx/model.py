@@ -119,8 +119,9 @@ class Block(nn.Module):
         self.ffn = MoE(cfg)
         self.resid_pdrop = cfg.resid_pdrop
 
-    def forward(self, x, cos, sin, mask, token_mask=None, cache_pos=None) -> tuple[torch.Tensor, RouterStats]:
-        return self.moe(*self.attend(x, cos, sin, mask, cache_pos), token_mask)
+    def forward(self, x, cos, sin, mask, token_mask=None, cache_pos=None,
+                with_stats: bool = True) -> tuple[torch.Tensor, RouterStats | None]:
+        return self.moe(*self.attend(x, cos, sin, mask, cache_pos), token_mask, with_stats=with_stats)
 
     def attend(self, x, cos, sin, mask, cache_pos=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The attention half: the residual stream h (B, T, D) after attention, and norm_2(h), the MoE's input."""
@@ -134,9 +135,10 @@ class Block(nn.Module):
         h = x + n.attn(n.norm_1(x), cos, sin, None, paged=paged)
         return h + self.ffn(n.norm_2(h), with_stats=False)[0]
 
-    def moe(self, h, normed, token_mask=None, recompute: bool = False) -> tuple[torch.Tensor, RouterStats]:
+    def moe(self, h, normed, token_mask=None, recompute: bool = False,
+            with_stats: bool = True) -> tuple[torch.Tensor, RouterStats | None]:
         """The MoE half; `recompute` has the experts recompute their gate/up activations in backward."""
-        y, stats = self.ffn(normed, token_mask, recompute=recompute)
+        y, stats = self.ffn(normed, token_mask, recompute=recompute, with_stats=with_stats)
         return h + F.dropout(y, self.resid_pdrop, self.training), stats
 
 
@@ -239,13 +241,16 @@ class DbrxForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         cache_pos: torch.Tensor | None = None,
+        with_stats: bool = True,
     ) -> tuple[torch.Tensor, list[RouterStats]]:
-        """Final normed hidden states (B, T, D) and each layer's router statistics.
+        """Final normed hidden states (B, T, D) and each layer's router statistics (none with `with_stats=False`,
+        for inference: the list is then empty, unless autograd records, see below).
 
         input_ids (B, T). attention_mask (B, T) 1 = real token, 0 = padding; with `cache_pos` it is (B, Tmax)
         over the cache slots. position_ids (B, T): defaults to positions counted over real tokens. doc_ids
         (B, T): tokens attend only within their own document (packed sequences). cache_pos (T,): the cache
-        slots these tokens are written to (after `setup_cache`).
+        slots these tokens are written to (after `setup_cache`). While autograd records, the blocks are called
+        with the six arguments that dbrx.parallel's checkpoint wrappers take, and compute their statistics.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
@@ -265,7 +270,8 @@ class DbrxForCausalLM(nn.Module):
             mask = attention.doc_block_mask(doc_ids, attention_mask)
         else:
             mask = build_attention_mask(T, attention_mask, doc_ids, cache_pos, dev)
-        token_mask = None if attention_mask is None else attention_mask.bool()  # (B, T), or (B, Tmax) with a cache
+        with_stats = with_stats or torch.is_grad_enabled()
+        token_mask = None if attention_mask is None or not with_stats else attention_mask.bool()  # (B, T|Tmax)
         if token_mask is not None and cache_pos is not None:
             token_mask = token_mask[:, cache_pos]  # (B, T): the slots written now
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.attn_config.rope_theta)
@@ -274,13 +280,16 @@ class DbrxForCausalLM(nn.Module):
         x = F.dropout(x, self.config.emb_pdrop, self.training)
         stats: list[RouterStats] = []
         for block in self.transformer.blocks:  # (activation checkpointing wraps block.forward from outside)
-            x, s = block(x, cos, sin, mask, token_mask, cache_pos)
-            stats.append(s)
+            if with_stats:
+                x, s = block(x, cos, sin, mask, token_mask, cache_pos)
+                stats.append(s)
+            else:
+                x, _ = block(x, cos, sin, mask, None, cache_pos, False)
         return self.transformer.norm_f(x), stats
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, doc_ids=None, cache_pos=None):
-        """Token ids (B, T) -> logits (B, T, V)."""
-        h, _ = self.hidden_states(input_ids, attention_mask, position_ids, doc_ids, cache_pos)
+        """Token ids (B, T) -> logits (B, T, V); no router statistics."""
+        h, _ = self.hidden_states(input_ids, attention_mask, position_ids, doc_ids, cache_pos, with_stats=False)
         return self.lm_head(h)
 
     def forward_paged(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: PagedMetadata,

@@ -6,7 +6,9 @@ Shape legend:
 
 Every token reaches its K experts (no capacity factor, nothing dropped), so a token's output never depends on
 the other tokens of the batch. Routed rows are sorted by expert (stable) and run through grouped matmuls over
-the stacked expert weights `w1, v1, w2: (E, F, D)`; the kernels live in `dbrx.kernels.experts`.
+the stacked expert weights `w1, v1, w2: (E, F, D)`; a decode step on the CPU (inference, one token) runs only its
+K chosen experts instead. The kernels and that choice live in `dbrx.kernels.experts`. Router statistics are
+computed only when asked (`with_stats`): training and evaluation losses, not inference.
 """
 
 from __future__ import annotations

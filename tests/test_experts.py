@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
 
 from dbrx import DbrxConfig  # noqa: E402
 from dbrx.kernels import attention, experts  # noqa: E402
@@ -248,6 +249,84 @@ def test_backend_errors():
     assert resolve_backend("auto", x, w1) == "loop"  # the CPU fallback for unaligned shapes
     aligned = make_case(0, 4, 8, 8, 3, 1)
     assert resolve_backend("auto", aligned[0], aligned[3]) == "grouped_mm"
+
+
+# ---- few tokens on the CPU: expert_loop (the decode path), auto's choice of it ---------------------------------
+# (seed, N, D, F, E, K): one token with top-1 .. top-E, and a few tokens (the sorted branch) with a top-1 router
+FEW = [(10, 1, 32, 48, 6, 2), (11, 1, 16, 24, 16, 4), (12, 1, 8, 40, 4, 4), (13, 1, 24, 16, 5, 1),
+       (14, 3, 16, 24, 8, 1)]
+
+
+def _dense_per_token(x, weights, idx, w1, v1, w2):
+    """The direct definition in fp64, token by token: sum_k weights[n, k] * expert_{idx[n, k]}(x[n])."""
+    x, weights, w1, v1, w2 = (t.double() for t in (x, weights, w1, v1, w2))
+    y = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        for k, e in enumerate(idx[n].tolist()):
+            y[n] += weights[n, k] * ((torch.nn.functional.silu(w1[e] @ x[n]) * (v1[e] @ x[n])) @ w2[e])
+    return y
+
+
+@pytest.mark.parametrize("case", FEW, ids=[f"case{c[0]}" for c in FEW])
+def test_expert_loop_matches_per_token_reference(case):
+    """Both branches of expert_loop (one token: its K chosen experts in turn; more: sorted by expert), inference
+    (in place) and with autograd: outputs, and gradients against the fp64 dense reference; experts not chosen get
+    exactly zero weight gradients."""
+    tensors = make_case(*case)
+    ref = _dense_per_token(*tensors)
+    with torch.no_grad():
+        fast = expert_glu(*tensors, backend="loop")
+    torch.testing.assert_close(fast.double(), ref, atol=2e-5, rtol=1e-4)
+    got = run("loop", *tensors)
+    assert torch.equal(got[0], fast)  # the same arithmetic with and without autograd
+    _close(got, run("dense", *tensors, dtype=torch.float64), atol=2e-5, rtol=1e-4)
+    unused = set(range(case[4])) - set(tensors[2].reshape(-1).tolist())
+    for e in unused:
+        assert all(g[e].abs().max() == 0 for g in got[3:]), e
+
+
+def test_auto_takes_the_expert_loop_for_inference_on_few_rows(monkeypatch):
+    """auto on the CPU: expert_loop for inference on at most LOOP_MAX_ROWS routed rows (a decode step at top-4),
+    the grouped path otherwise (more rows, or autograd recording); each equal to the reference."""
+    chosen = []
+    real = experts.expert_loop
+    monkeypatch.setattr(experts, "expert_loop", lambda *a, **k: chosen.append(a[2].shape) or real(*a, **k))
+    for N, K, grad, loop in [(1, 4, False, True), (1, 2, False, True), (2, 4, False, False), (1, 4, True, False),
+                             (4, 1, False, True), (5, 1, False, False)]:
+        chosen.clear()
+        tensors = make_case(0, N, 16, 24, 8, K)
+        with torch.set_grad_enabled(grad):
+            y = expert_glu(*[t.requires_grad_(grad) if t.is_floating_point() else t for t in tensors])
+        assert bool(chosen) == (loop or not HAS_GMM), (N, K, grad)  # without grouped_mm the fallback is the loop
+        torch.testing.assert_close(y.detach().double(), _dense_per_token(*tensors), atol=2e-5, rtol=1e-4)
+    x, weights, idx, w1, v1, w2 = make_case(0, 1, 16, 24, 8, 4)
+    assert experts.use_expert_loop(x, idx, weights, w1)
+    monkeypatch.setattr(experts, "LOOP_MAX_ROWS", 3)
+    assert not experts.use_expert_loop(x, idx, weights, w1)
+
+
+def test_one_token_loop_traces_into_one_graph_with_captured_scalars(monkeypatch):
+    """Compiled (as `dbrx bench decode --compile`, dynamo capturing scalar outputs), auto at one token is the loop
+    over its K chosen experts with unbacked ids: one graph, no break, no recompilation for other ids, equal to eager.
+    Without captured scalars it stays the dense path (no host read in a graph)."""
+    monkeypatch.setattr(experts, "_dense", lambda *a: pytest.fail("dense path taken"))
+    torch._dynamo.reset()
+    cases = [make_case(seed, 1, 16, 24, 8, 4) for seed in (0, 1, 2)]
+    assert len({tuple(c[2][0].tolist()) for c in cases}) == 3  # three different choices of experts
+    with torch._dynamo.config.patch(capture_scalar_outputs=True), torch.no_grad():
+        explained = torch._dynamo.explain(lambda *t: expert_glu(*t))(*cases[0])
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        fn = torch.compile(lambda *t: expert_glu(*t), backend=counter, fullgraph=True, dynamic=False)
+        for c in cases:
+            torch.testing.assert_close(fn(*c), expert_glu(*c), atol=1e-6, rtol=1e-6)
+    assert counter.frame_count == 1  # one compilation served all three
+    monkeypatch.undo()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(lambda *t: expert_glu(*t))(*cases[0])
+    assert explained.graph_break_count == 0
 
 
 # ---- the model: batch invariance, compile, checkpointing, flex attention -----------------------------------

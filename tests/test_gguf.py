@@ -31,9 +31,9 @@ from dbrx.tokens import EOS_ID, PAD_ID, PADDED_VOCAB_SIZE, REAL_VOCAB_SIZE, SPEC
 
 F32, F16, Q4_0, Q8_0 = 0, 1, 2, 8  # ggml type ids
 TYPE_SIZES = {F32: (1, 4), F16: (1, 2), Q4_0: (32, 18), Q8_0: (32, 34)}  # (block elements, block bytes)
-FILE_TYPES = {"f16": 1, "q8_0": 7, "q4_0": 2}  # llama_ftype: MOSTLY_F16, MOSTLY_Q8_0, MOSTLY_Q4_0
-MATRIX = {"f16": F16, "q8_0": Q8_0, "q4_0": Q4_0}
-HEAD = {"f16": F16, "q8_0": Q8_0, "q4_0": Q8_0}
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_0": 2}  # llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0, MOSTLY_Q4_0
+MATRIX = {"f32": F32, "f16": F16, "q8_0": Q8_0, "q4_0": Q4_0}
+HEAD = {"f32": F32, "f16": F16, "q8_0": Q8_0, "q4_0": Q8_0}
 
 # llama.cpp's convert_hf_to_gguf.py pre-tokenizer check text, and the sha256 of str(token ids) it lists for
 # databricks/dbrx-base (-> tokenizer.ggml.pre = "dbrx")
@@ -136,16 +136,17 @@ def source(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(source):
-    """qtype -> (path, parsed file). q8_0 goes through the CLI, the other two through the Python API."""
+    """qtype -> (path, parsed file). q8_0 goes through the CLI, the other three through the Python API."""
     path, _ = source
     out = {}
-    for qtype in ("f16", "q8_0", "q4_0"):
+    for qtype in ("f32", "f16", "q8_0", "q4_0"):
         f = path.parent / f"tiny-{qtype}.gguf"
         if qtype == "q8_0":
             assert main(["export-gguf", str(path), str(f), "--type", "q8_0"]) == 0
         else:
             report = export_gguf(path, f, qtype)
             assert report["tensors"] == 19 and report["bytes"] == f.stat().st_size
+            assert report["f16_fallback"] == []  # every row of dbrx-tiny is a multiple of 32
         out[qtype] = (f, read_gguf(f))
     return out
 
@@ -181,7 +182,7 @@ def file_layout(name: str, t: torch.Tensor) -> np.ndarray:
     return x.transpose(0, 2, 1) if name.endswith(".mlp.w2") else x
 
 
-@pytest.mark.parametrize("qtype", ["f16", "q8_0", "q4_0"])
+@pytest.mark.parametrize("qtype", ["f32", "f16", "q8_0", "q4_0"])
 def test_every_metadata_field(exported, source, qtype):
     cfg = tiny_full_vocab()
     kv, kv_types, _ = exported[qtype][1]
@@ -224,7 +225,7 @@ def test_every_metadata_field(exported, source, qtype):
     assert cfg.attn_config.rope_theta == 500000.0 and cfg.attn_config.clip_qkv == 8.0
 
 
-@pytest.mark.parametrize("qtype", ["f16", "q8_0", "q4_0"])
+@pytest.mark.parametrize("qtype", ["f32", "f16", "q8_0", "q4_0"])
 def test_every_tensor(exported, source, qtype):
     """Names (in order), ggml dims, types, and values: f16 equal to the source rounded to fp16, f32 exact, q8_0 /
     q4_0 dequantized within each 32-block's quantization bound."""
@@ -418,17 +419,19 @@ def llama_cpp_logits(kv: dict, tensors: dict, ids: list[int]) -> np.ndarray:
     return _layer_norm(x, w["output_norm.weight"], eps) @ w["output.weight"].T
 
 
-def test_llama_cpp_graph_on_the_file_matches_our_model(exported, source):
-    """The f16 file run by llama.cpp's DBRX graph (in numpy) gives our model's logits, the model's weights rounded
-    as the file stores them: this checks gate/up/down, the w2 transpose, the fused QKV order, RoPE and GQA."""
+@pytest.mark.parametrize("qtype", ["f32", "f16"])
+def test_llama_cpp_graph_on_the_file_matches_our_model(exported, source, qtype):
+    """The f32 / f16 file run by llama.cpp's DBRX graph (in numpy) gives our model's logits (f16: the model's
+    weights rounded as the file stores them): this checks gate/up/down, the w2 transpose, the fused QKV order,
+    RoPE and GQA."""
     _, state = source
-    kv, _, tensors = exported["f16"][1]
+    kv, _, tensors = exported[qtype][1]
     model = DbrxForCausalLM.from_config(tiny_full_vocab(), device="meta")
     model.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
     model.eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() > 1 and "router" not in name:
+            if p.dim() > 1 and "router" not in name and qtype == "f16":
                 p.copy_(p.half().float())
         ids = get_tokenizer().encode("The quick brown fox jumps over the lazy dog")
         ours = model(torch.tensor([ids]))[0].double().numpy()
@@ -459,7 +462,7 @@ def test_gguf_packages_reader_agrees(exported):
 # ---- errors and the command line ------------------------------------------------------------------------------
 def test_bad_input(tmp_path, source):
     path, _ = source
-    with pytest.raises(ValueError, match="unknown GGUF type 'q5_k'; choose one of f16, q8_0, q4_0"):
+    with pytest.raises(ValueError, match="unknown GGUF type 'q5_k'; choose one of f32, f16, q8_0, q4_0"):
         export_gguf(path, tmp_path / "x.gguf", "q5_k")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
@@ -481,17 +484,52 @@ def test_bad_input(tmp_path, source):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "p2", "small-vocab"]
 
 
-def test_rows_that_do_not_fit_the_blocks_are_refused_and_out_is_untouched(tmp_path):
-    cfg = DbrxConfig.from_preset("dbrx-tiny", d_model=48, ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4,
-                                                                          moe_top_k=2))
-    DbrxForCausalLM.from_config(cfg).save_pretrained(tmp_path / "d48", dtype=torch.bfloat16)
+def test_rows_that_do_not_fit_the_blocks_fall_back_to_f16(tmp_path, capsys):
+    """As llama.cpp's converter does: a matrix whose rows are not a multiple of 32 (here ffn_down_exps, rows of
+    ffn_hidden_size 112 as in the demo preset) is written f16 in a q8_0 / q4_0 file; the others keep the type."""
+    cfg = DbrxConfig.from_preset("dbrx-tiny", max_seq_len=64, ffn_config=dict(ffn_hidden_size=112,
+                                                                              moe_num_experts=4, moe_top_k=2))
+    model = randomize_(DbrxForCausalLM.from_config(cfg, device="cpu"), seed=5)
+    model.save_pretrained(tmp_path / "f112")
+    state = model.state_dict()
+    down = [f"blk.{i}.ffn_down_exps.weight" for i in range(cfg.n_layers)]
+    for qtype in ("q8_0", "q4_0"):
+        report = export_gguf(tmp_path / "f112", tmp_path / f"{qtype}.gguf", qtype)
+        assert report["f16_fallback"] == down
+        kv, _, tensors = read_gguf(tmp_path / f"{qtype}.gguf")
+        assert kv["general.file_type"] == FILE_TYPES[qtype]
+        for name, (dims, t, ours) in expected_tensors(cfg, qtype).items():
+            want_t = F16 if name in down else t
+            assert (tensors[name][0], tensors[name][1]) == (want_t, dims), name
+            if name in down:
+                got = as_array(tensors[name][2], F16, dims)
+                want = file_layout(ours, state[ours])
+                np.testing.assert_array_equal(got, want.astype(np.float16).astype(np.float32), err_msg=name)
+    assert export_gguf(tmp_path / "f112", tmp_path / "f32.gguf", "f32")["f16_fallback"] == []
+    assert main(["export-gguf", str(tmp_path / "f112"), str(tmp_path / "cli.gguf"), "--type", "q4_0"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: 2 matrices have rows that are not a multiple of the q4_0 block size 32 and were written in f16: " \
+           f"{', '.join(down)}\n" in err
+
+
+def test_values_beyond_f16_are_refused_and_out_is_untouched(tmp_path):
+    """An f16 tensor cannot hold 1e5: a one-line error, OUT untouched, no temporary file left; f32 keeps it."""
+    cfg = DbrxConfig.from_preset("dbrx-tiny", max_seq_len=64)
+    model = DbrxForCausalLM.from_config(cfg, device="cpu")
+    with torch.no_grad():
+        model.transformer.blocks[1].norm_attn_norm.attn.out_proj.weight[3, 5] = 1e5
+    model.save_pretrained(tmp_path / "big")
     out = tmp_path / "old.gguf"
     out.write_bytes(b"previous file")
-    with pytest.raises(ValueError, match=r"tensor token_embd.weight \(transformer.wte.weight\) has rows of 48 "
-                                         r"values, not a multiple of the Q8_0 block size 32"):
-        export_gguf(tmp_path / "d48", out, "q8_0")
+    with pytest.raises(ValueError, match=r"tensor blk.1.attn_output.weight holds values up to 100000, beyond "
+                                         r"float16's range; it cannot be stored in float16 \(try --type f32\)"):
+        export_gguf(tmp_path / "big", out, "f16")
     assert out.read_bytes() == b"previous file"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d48", "old.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "old.gguf"]
+    export_gguf(tmp_path / "big", out, "f32")
+    _, _, tensors = read_gguf(out)
+    t, dims, raw = tensors["blk.1.attn_output.weight"]
+    assert t == F32 and as_array(raw, t, dims)[3, 5] == 1e5
 
 
 def test_cli(tmp_path, capsys, source, exported):

@@ -178,6 +178,35 @@ def test_qlora_model_trains_only_the_adapters(bits, group):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("bits, group", QUANT)
+def test_attention_only_qlora_backpropagates_through_the_quantized_experts(bits, group):
+    """Adapters on attention only leave the experts a plain QuantExperts, which gradients must cross (to the
+    adapters of earlier layers): they equal those of the same model whose experts carry zero adapters (the
+    LoraExperts path), up to the bf16 roundings the two expert paths apply in different places."""
+    base = quantize_model(randomize_(DbrxForCausalLM.from_config(tiny_config()), 0), bits, group)
+    attn, both = copy.deepcopy(base), base
+    apply_lora(attn, LoraConfig(rank=4, alpha=8, targets=["Wqkv", "out_proj"]))
+    apply_lora(both, LoraConfig(rank=4, alpha=8, targets=["Wqkv", "out_proj", "w1", "v1", "w2"]))
+    assert isinstance(attn.transformer.blocks[0].ffn.experts, QuantExperts)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # the same attention adapters, B non-zero so that every factor has a gradient
+        for name, p in attn.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                both.get_parameter(name).copy_(p)
+    x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for model in (attn, both):
+        model.train()
+        loss = model.compute_loss(x).loss
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad and "attn" in n})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 2 * 2
+    for name, ref in grads[1].items():
+        assert grads[0][name].abs().sum() > 0, name
+        assert (grads[0][name] - ref).norm() / ref.norm() < 1e-2, name  # measured about 1e-3
+
+
 def test_finetune_on_a_quantized_checkpoint_trains_an_adapter(tmp_path):
     from test_lora import _finetune_config
     from test_trainer import step_records, train

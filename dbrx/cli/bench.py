@@ -39,7 +39,7 @@ def _add_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="weights and tokens seed (default 0)")
     p.add_argument("--estimate-memory", action="store_true",
                    help="run nothing: trace the eager step on fake tensors and print its estimated peak memory "
-                        "(any size, on any machine, in seconds)")
+                        "(any size, on any machine; seconds, minutes for --qlora at dbrx-132b size)")
     p.add_argument("--lora", type=int, default=None, metavar="RANK",
                    help="the step of LoRA adapters of this rank on the frozen model (dbrx.lora)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: twice the rank)")
@@ -47,6 +47,15 @@ def _add_step_args(p: argparse.ArgumentParser) -> None:
                    help="LoRA targets among Wqkv, out_proj, router, w1, v1, w2 (default Wqkv,out_proj,w1,v1,w2)")
     p.add_argument("--optimizer", default=None, choices=("adamw", "lionw"),
                    help="with --estimate-memory: add the optimizer's fp32 state of the trainable parameters")
+    p.add_argument("--qlora", type=int, default=None, choices=(8, 4), metavar="BITS",
+                   help="with --lora: QLoRA, the frozen base quantized first as `dbrx quantize` does, 8 (int8 per "
+                        "output row) or 4 (int4 in groups); CPU kernels, as the trainer's QLoRA (measured with "
+                        "--device cpu, or --estimate-memory)")
+    p.add_argument("--group-size", type=int, default=None, metavar="G",
+                   help="with --qlora 4: int4 group size, 32, 64, 128 or 256 (default 128 where it divides d_model)")
+    p.add_argument("--quant-targets", default=None, metavar="T1,T2",
+                   help="with --qlora: quantized parts among attn, experts, lm_head, embedding (default attn,experts: "
+                        "what `dbrx quantize` writes without --include-head / --include-embedding)")
 
 
 def register(subparsers) -> None:
@@ -123,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq_len, dtype=args.dtype, compile=args.compile, checkpointing=args.checkpointing,
         steps=args.steps, warmup=args.warmup, backend=args.backend, device=args.device, compare=args.compare,
         peak=args.peak_tflops, seed=args.seed, estimate_memory=args.estimate_memory, lora=_lora_config(args),
-        optimizer=args.optimizer,
+        optimizer=args.optimizer, qlora=args.qlora, group_size=args.group_size,
+        quant_targets=None if args.quant_targets is None else
+        tuple(t.strip() for t in args.quant_targets.split(",") if t.strip()),
     )
     print(json.dumps(report), flush=True)
     return 0

@@ -8,16 +8,20 @@ Backends (all exact up to floating-point rounding, all forward and backward):
   triton      our Triton grouped GEMMs (dbrx.kernels.triton_grouped_gemm), gate and up fused in one pass
   dense       every expert on every token, combined with the router weights: E/K times the work, no sorting,
               no host sync; the independent reference for tests
-  loop        per-expert matmuls over the sorted rows; needs the group sizes on the host (readable reference)
+  loop        one call per active expert (`expert_loop`): at one token its K chosen experts in turn, unsorted;
+              else the rows sorted by expert, experts without rows skipped; reads the expert ids on the host
   auto        CUDA: grouped_mm where torch has its fast kernels (Hopper; Blackwell from torch 2.9) for the shapes,
-              else triton (A100, L40S ...), else loop. CPU: grouped_mm where aligned, else loop (dense while
-              compiling, where a host sync would break the graph)
+              else triton (A100, L40S ...), else loop. CPU: loop for inference on few tokens (`use_expert_loop`:
+              decode), else grouped_mm where aligned, else loop (dense while compiling, where a host sync would
+              break the graph)
 
 grouped_mm and triton share one autograd.Function (_GroupedMoE), from the tokens to the combined output: the
 router weight multiplies h before w2, and it keeps only the gate/up activations (R, F) beside its inputs (the
 routed copies of x are gathered again, p * silu(gate) * up recomputed), and writes each weight gradient once
 as (E, F, D). No path but `loop` synchronises with the host, so a block compiles with
-torch.compile(fullgraph=True).
+torch.compile(fullgraph=True). `loop` at one token compiles too when dynamo captures scalar outputs
+(`torch._dynamo.config.capture_scalar_outputs`, as `dbrx bench decode --compile` sets it): the K expert ids become
+unbacked integers and each chosen expert's weights an indexed view, read in place.
 """
 
 from __future__ import annotations
@@ -228,14 +232,66 @@ def _glu_backward_rows(gate, up, dhp, p):
     return (a * w).to(dt), dgate.to(dt), (da * silu).to(dt), dp.to(p.dtype)
 
 
-def _glu_loop(xs, w1, v1, w2, ends):
-    sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()  # host sync: reference path only
-    outs = []
-    # unbind (not w[e]) so that backward stacks the per-expert gradients once instead of allocating a
-    # full-size zero gradient for every expert
-    for x_e, w1_e, v1_e, w2_e in zip(torch.split(xs, sizes), w1.unbind(0), v1.unbind(0), w2.unbind(0)):
-        outs.append((F.silu(x_e @ w1_e.T) * (x_e @ v1_e.T)) @ w2_e)  # (R_e, D)
-    return torch.cat(outs)
+# Inference on at most this many routed rows (tokens * top_k) runs `expert_loop` on the CPU (auto backend). Measured
+# with fp32 experts, 1 thread, against grouped_mm (torch's CPU fallback runs every expert, empty or not) and an
+# index_select of the chosen experts' weights with bmm (copies them): see BENCHMARKS.md, issue 11.
+LOOP_MAX_ROWS = 4
+
+
+def use_expert_loop(x: torch.Tensor, idx: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether `auto` runs these routed rows through `expert_loop`: inference (nothing needs a gradient) on the CPU
+    on at most LOOP_MAX_ROWS rows, the decode step; compiled, one token only, and only when dynamo captures the
+    expert ids as unbacked integers (else `.tolist()` would break the graph)."""
+    if x.device.type != "cpu" or idx.numel() > LOOP_MAX_ROWS:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *tensors)):
+        return False
+    if torch.compiler.is_compiling():
+        return idx.shape[0] == 1 and bool(torch._dynamo.config.capture_scalar_outputs)
+    return True
+
+
+def expert_loop(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, expert, n_experts: int,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """sum_k weights[n, k] * expert(x[n], idx[n, k]) by one call per active expert; expert(xs (r, D), e) -> (r, D).
+
+    The float experts' `loop` backend and the quantized experts (dbrx.quant.layers) share it. One token (decode):
+    its K chosen experts in turn into an out_dtype accumulator (default x's), no sort, few ops, each chosen
+    expert's weights read once, the others never. More: the routed rows sorted by expert, one call per expert with
+    rows (the empty ones skipped), weighted in the experts' output dtype and summed per token. Reads the expert ids
+    (and group sizes) on the host: free on the CPU, a sync on CUDA.
+    """
+    N, K = idx.shape
+    if N == 1:
+        y = x.new_zeros(1, x.shape[-1], dtype=out_dtype or x.dtype)  # (1, D)
+        for e, p in zip(idx[0].tolist(), weights[0].unbind()):
+            y.addcmul_(expert(x, e), p)  # (1, D) += p * expert_e(x)
+        return y
+    order, inverse, ends = sort_by_expert(idx, n_experts)  # (R,), (R,), (E,)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()  # host read
+    xs = x[order // K]  # (R, D) routed rows in expert order
+    outs, start = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            outs.append(expert(xs[start:start + c], e))  # (c, D)
+            start += c
+    rows = torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1], dtype=out_dtype or x.dtype)  # (R, D)
+    return _combine(rows * weights.reshape(-1)[order].to(rows.dtype)[:, None], inverse, K)  # (N, D)
+
+
+def glu_expert(x: torch.Tensor, w1: torch.Tensor, v1: torch.Tensor, w2: torch.Tensor):
+    """The float GLU expert for `expert_loop`: (xs (r, D), e) -> (silu(xs @ w1_e^T) * (xs @ v1_e^T)) @ w2_e (r, D)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, v1, w2)):
+        # unbind (not w[e]) so that backward stacks the per-expert gradients once instead of allocating a
+        # full-size zero gradient for every expert
+        w1s, v1s, w2s = w1.unbind(0), v1.unbind(0), w2.unbind(0)
+        return lambda xs, e: (F.silu(xs @ w1s[e].T) * (xs @ v1s[e].T)) @ w2s[e]
+
+    def expert(xs, e):  # inference: SiLU and the product in place; w[e] a view (compiled: an unbacked index)
+        h = xs @ w1[e].T  # (r, F)
+        return F.silu(h, inplace=True).mul_(xs @ v1[e].T) @ w2[e]  # (r, D)
+
+    return expert
 
 
 def _dense(x, weights, idx, w1, v1, w2):
@@ -258,15 +314,16 @@ def expert_glu(
 
     recompute: the grouped backends keep no (R, F) activations for backward and run the gate/up GEMMs again there.
     """
+    backend = "loop" if backend == "auto" and use_expert_loop(x, idx, weights, w1, v1, w2) else backend
     backend = resolve_backend(backend, x, w1)
     if backend == "dense":
         return _dense(x, weights, idx, w1, v1, w2)
+    if backend == "loop":
+        return expert_loop(x, weights, idx, glu_expert(x, w1, v1, w2), w1.shape[0])
     N, K = idx.shape
     order, inverse, ends = sort_by_expert(idx, w1.shape[0])
     src = order // K  # (R,) the token of each routed row
     p = weights.reshape(-1)[order]  # (R,) the router weight of each routed row
-    if backend == "loop":
-        return _combine(_glu_loop(x[src], w1, v1, w2, ends) * p[:, None], inverse, K)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, w1, v1, w2)):
         return _GroupedMoE.apply(x, p, w1, v1, w2, src, inverse, ends, backend, recompute)  # (N, D)
     # inference: nothing kept for backward, so SiLU and the products go in place (half the (R, F) memory)

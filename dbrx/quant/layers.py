@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.experts import sort_by_expert
+from ..kernels.experts import expert_loop, sort_by_expert
 from .formats import SCALE_DTYPE, dequantize_int4_rows, int4_kernel_layout, int4_mm, int8_mm
 
 _DEQUANT_ROWS = 1 << 12  # rows (int8) dequantized at a time by QuantLinear.weight
@@ -189,8 +189,8 @@ class QuantExperts(nn.Module):
 
     Replaces `MoE.experts` (same call: x (N, D), router weights (N, K), expert ids (N, K) -> (N, D)). The routed
     rows are sorted by expert and each expert that has rows runs as two kernel calls (gate/up, then down) on them;
-    at batch 1 the K chosen experts run in turn, unsorted. Each chosen expert's weights are read once, the others
-    never. torch has no grouped int8/int4 kernel for the CPU, so the batched path loops over the experts with rows
+    at batch 1 the K chosen experts run in turn, unsorted (dbrx.kernels.experts.expert_loop, the float experts' loop
+    too; compiled decoding runs it inside the graph). Each chosen expert's weights are read once, the others never. torch has no grouped int8/int4 kernel for the CPU, so the batched path loops over the experts with rows
     (at most E iterations) rather than dequantizing the stack. Measured against the alternatives (gathering the
     chosen experts' weights per routed row and dequantizing them: 17x slower at batch 1; dequantizing each active
     expert to fp32 for fp32 matmuls: 1.6-7x slower at 1 to 128 tokens) in benchmarks/quant_decode.py.
@@ -222,35 +222,28 @@ class QuantExperts(nn.Module):
         xb = x.to(SCALE_DTYPE)
         if self.w13._gpu(xb):
             return self._grouped_gpu(xb, weights, idx).to(x.dtype)
-        if N == 1:  # decode: the K chosen experts in turn, no sort, few ops (this path is dispatch-bound)
-            y = torch.zeros(1, self.d_model, dtype=torch.float32)
-            for e, p in zip(idx[0].tolist(), weights[0].tolist()):
-                gu = self.w13.mm(xb, e)  # (1, 2F) bf16
-                h = F.silu(gu[:, : self.ffn]).mul_(gu[:, self.ffn:])  # (1, F)
-                y.add_(self.w2.mm(h, e), alpha=p)
-            return y.to(x.dtype)
-        return self._sorted(xb, weights, idx).to(x.dtype)
+        decode = N == 1 and not (torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad))
+        # the float experts' loop (dbrx.kernels.experts.expert_loop): at batch 1 the K chosen experts in turn, no
+        # sort; else the rows sorted by expert, one pair of kernel calls per expert with rows; fp32 sums
+        expert = self._expert_decode if decode else self._expert
+        return expert_loop(xb, weights.float(), idx, expert, self.n_experts, torch.float32).to(x.dtype)
+
+    def _expert_decode(self, xs: torch.Tensor, e: int) -> torch.Tensor:
+        """xs (1, D) bf16 through expert e -> (1, D) bf16: the kernels and bf16 between them, few ops (decode is
+        dispatch-bound). Compiled with captured scalar outputs, e is an unbacked integer and the kernels read the
+        expert's slice of the stacks in place."""
+        gu = self.w13.mm(xs, e)  # (1, 2F) bf16
+        h = F.silu(gu[:, : self.ffn]).mul_(gu[:, self.ffn:])  # (1, F)
+        return self.w2.mm(h, e)  # (1, D)
 
     def _expert(self, xs: torch.Tensor, e: int) -> torch.Tensor:
-        """xs (r, D) bf16 through expert e -> (r, D) fp32 (the GLU in fp32 between the two kernel calls)."""
-        gu = self.w13.mm(xs, e).float()  # (r, 2F)
-        h = F.silu(gu[:, : self.ffn]) * gu[:, self.ffn:]  # (r, F)
-        return self.w2.mm(h.to(SCALE_DTYPE), e).float()  # (r, D)
+        """xs (r, D) bf16 through expert e -> (r, D) fp32 (the GLU in fp32 between the two kernel calls).
+        Differentiable w.r.t. xs (dbrx.quant.grad), for QLoRA whose adapters leave the experts quantized."""
+        from .grad import quant_matmul
 
-    def _sorted(self, xb, weights, idx):
-        """The batched path: routed rows sorted by expert, one pair of kernel calls per expert with rows."""
-        N, K = idx.shape
-        order, inverse, ends = sort_by_expert(idx, self.n_experts)  # (R,), (R,), (E,)
-        counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()  # host sync (free on the CPU)
-        xs = xb[order // K]  # (R, D) routed rows in expert order
-        rows = torch.empty(N * K, self.d_model, dtype=torch.float32)
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                rows[start:start + c] = self._expert(xs[start:start + c], e)
-                start += c
-        rows.mul_(weights.reshape(-1)[order].float()[:, None])
-        return rows[inverse].view(N, K, self.d_model).sum(1)  # (N, D)
+        gu = quant_matmul(xs, self.w13, e).float()  # (r, 2F)
+        h = F.silu(gu[:, : self.ffn]) * gu[:, self.ffn:]  # (r, F)
+        return quant_matmul(h.to(SCALE_DTYPE), self.w2, e).float()  # (r, D)
 
     def _grouped_gpu(self, xb, weights, idx):
         """CUDA: every routed row in one grouped Triton launch per matrix, no host sync."""
