@@ -123,4 +123,5 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["DistInfo", "init_distributed", "shard_model", "root_gathered", "reshard_all", "all_reduce_sum", "all_reduce_max", "barrier", "destroy"]
+__all__ = ["DistInfo", "init_distributed", "shard_model", "root_gathered", "reshard_all", "all_reduce_sum",
+           "all_reduce_max", "barrier", "destroy"]
