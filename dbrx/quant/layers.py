@@ -190,7 +190,8 @@ class QuantExperts(nn.Module):
     Replaces `MoE.experts` (same call: x (N, D), router weights (N, K), expert ids (N, K) -> (N, D)). The routed
     rows are sorted by expert and each expert that has rows runs as two kernel calls (gate/up, then down) on them;
     at batch 1 the K chosen experts run in turn, unsorted (dbrx.kernels.experts.expert_loop, the float experts' loop
-    too; compiled decoding runs it inside the graph). Each chosen expert's weights are read once, the others never. torch has no grouped int8/int4 kernel for the CPU, so the batched path loops over the experts with rows
+    too; compiled decoding runs it inside the graph). Each chosen expert's weights are read once, the others never.
+    torch has no grouped int8/int4 kernel for the CPU, so the batched path loops over the experts with rows
     (at most E iterations) rather than dequantizing the stack. Measured against the alternatives (gathering the
     chosen experts' weights per routed row and dequantizing them: 17x slower at batch 1; dequantizing each active
     expert to fp32 for fp32 matmuls: 1.6-7x slower at 1 to 128 tokens) in benchmarks/quant_decode.py.
