@@ -17,16 +17,21 @@ from __future__ import annotations
 
 import torch
 
-# fp32 logits per chunk (C x V): 1 GB on a GPU (C = 2675 rows for V = 100352). 16 MB on the CPU (C = 41), which
-# with one thread is no slower than larger chunks (the workspace stays in the last-level cache; with oversubscribed
-# cores the extra per-op synchronisation shows), and matters there: the trainer's CPU heap never shrinks
-# (keep_freed_memory), so whatever the loss takes at its peak, or fragments with fresh (C, V) blocks, stays resident
+# fp32 logits per chunk (C x V): 1 GB on a GPU (C = 2675 rows for V = 100352). 16 MB on the CPU (C = 41) when
+# the head is frozen (LoRA, evaluation), which with one thread is no slower than larger chunks (the workspace stays
+# in the last-level cache; with oversubscribed cores the extra per-op synchronisation shows), and matters there: the
+# trainer's CPU heap never shrinks (keep_freed_memory), so whatever the loss takes at its peak, or fragments with
+# fresh (C, V) blocks, stays resident. A trained head keeps the large chunks: its dW (V, D) update per chunk made a
+# 1024-row step 2.2x slower at C = 41.
 CHUNK_ELEMENTS = 1 << 28
 CPU_CHUNK_ELEMENTS = 1 << 22
 
 
-def _chunk_rows(n_rows: int, vocab: int, chunk_rows: int | None, device: torch.device) -> int:
-    elements = CPU_CHUNK_ELEMENTS if device.type == "cpu" else CHUNK_ELEMENTS
+def _chunk_rows(
+    n_rows: int, vocab: int, chunk_rows: int | None, device: torch.device, head_grad: bool
+) -> int:
+    small = device.type == "cpu" and not head_grad  # a trained head's dW (V, D) update per chunk wants large C
+    elements = CPU_CHUNK_ELEMENTS if small else CHUNK_ELEMENTS
     return max(1, min(n_rows, chunk_rows or elements // vocab))
 
 
@@ -111,12 +116,13 @@ def linear_cross_entropy(
     Equals `F.cross_entropy((h @ weight.T).float(), labels, reduction="sum")` up to rounding, differentiable in h
     and weight. Keeps one fp32 chunk (C x V) and, for backward, the gradients themselves (dh (N, D), and dW (V, D)
     when the weight wants one) instead of N x V tensors; `chunk_rows` defaults to CHUNK_ELEMENTS // V
-    (CPU_CHUNK_ELEMENTS on the CPU).
+    (CPU_CHUNK_ELEMENTS on the CPU unless the weight is trained).
     """
     if h.dim() != 2 or weight.dim() != 2 or labels.shape != h.shape[:1] or h.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy wants h (N, D), weight (V, D), labels (N,); got {tuple(h.shape)}, "
                          f"{tuple(weight.shape)}, {tuple(labels.shape)}")
-    rows = _chunk_rows(h.shape[0], weight.shape[0], chunk_rows, h.device)
+    head_grad = torch.is_grad_enabled() and weight.requires_grad
+    rows = _chunk_rows(h.shape[0], weight.shape[0], chunk_rows, h.device, head_grad)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h, weight, labels, ignore_index, rows)
     acc = torch.promote_types(h.dtype, torch.float32)
