@@ -17,21 +17,24 @@ from __future__ import annotations
 
 import torch
 
-# fp32 logits per chunk (C x V): 1 GB on a GPU (C = 2675 rows for V = 100352). 16 MB on the CPU (C = 41) when
+# fp32 logits per chunk (C x V): 1 GB on a GPU (C = 2675 rows for V = 100352). On the CPU 16 MB (C = 41) when
 # the head is frozen (LoRA, evaluation), which with one thread is no slower than larger chunks (the workspace stays
-# in the last-level cache; with oversubscribed cores the extra per-op synchronisation shows), and matters there: the
-# trainer's CPU heap never shrinks (keep_freed_memory), so whatever the loss takes at its peak, or fragments with
-# fresh (C, V) blocks, stays resident. A trained head keeps the large chunks: its dW (V, D) update per chunk made a
-# 1024-row step 2.2x slower at C = 41.
+# in the last-level cache), and matters there: the trainer's CPU heap never shrinks (keep_freed_memory), so whatever
+# the loss takes at its peak, or fragments with fresh (C, V) blocks, stays resident. A trained head's dW (V, D)
+# update per chunk wants more rows: 2048 rows, V 100352, 2 threads, forward + backward (median of 3): D 64 1.29 s
+# at C = 41, 1.03 s at 334, 1.20 s at 2048; D 256 5.16 s, 2.99 s, 2.93 s. So 128 MB (C = 334) for a trained head.
 CHUNK_ELEMENTS = 1 << 28
 CPU_CHUNK_ELEMENTS = 1 << 22
+CPU_HEAD_GRAD_CHUNK_ELEMENTS = 1 << 25
 
 
 def _chunk_rows(
     n_rows: int, vocab: int, chunk_rows: int | None, device: torch.device, head_grad: bool
 ) -> int:
-    small = device.type == "cpu" and not head_grad  # a trained head's dW (V, D) update per chunk wants large C
-    elements = CPU_CHUNK_ELEMENTS if small else CHUNK_ELEMENTS
+    if device.type != "cpu":
+        elements = CHUNK_ELEMENTS
+    else:
+        elements = CPU_HEAD_GRAD_CHUNK_ELEMENTS if head_grad else CPU_CHUNK_ELEMENTS
     return max(1, min(n_rows, chunk_rows or elements // vocab))
 
 
@@ -116,7 +119,7 @@ def linear_cross_entropy(
     Equals `F.cross_entropy((h @ weight.T).float(), labels, reduction="sum")` up to rounding, differentiable in h
     and weight. Keeps one fp32 chunk (C x V) and, for backward, the gradients themselves (dh (N, D), and dW (V, D)
     when the weight wants one) instead of N x V tensors; `chunk_rows` defaults to CHUNK_ELEMENTS // V
-    (CPU_CHUNK_ELEMENTS on the CPU unless the weight is trained).
+    (on the CPU CPU_CHUNK_ELEMENTS, or CPU_HEAD_GRAD_CHUNK_ELEMENTS when the weight is trained).
     """
     if h.dim() != 2 or weight.dim() != 2 or labels.shape != h.shape[:1] or h.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy wants h (N, D), weight (V, D), labels (N,); got {tuple(h.shape)}, "
