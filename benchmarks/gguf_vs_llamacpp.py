@@ -1,7 +1,7 @@
 """llama.cpp against dbrx on the same weights: greedy tokens, CPU decode speed and peak memory (issue 11's targets).
 
 One checkpoint (--model DIR, or a random --preset model with --override, written to --workdir) is run by
-  dbrx          fp32 eager; `--compile`: fp32 with the decode step under torch.compile (dbrx.bench's
+  dbrx          fp32 eager; `--compile`: fp32, int8, int4 with the decode step under torch.compile (dbrx.bench's
                 compiled_decode_step); int8 (per output row) and int4 (asymmetric, groups of 32 along the input, the
                 size of a Q4_0 block), both from dbrx.quant.quantize_model in memory on attention, experts, LM head
                 and embedding (what a q8_0 / q4_0 GGUF file quantizes; the router and norms stay fp32 in both)
@@ -290,6 +290,9 @@ def run(args, work: Path) -> dict:
         gc.collect()
         contenders[name] = lambda q=q: _ours_greedy(q, ids, n)
         info[name] = dict(weight_mb=_weight_bytes(q) / 2**20, quantization=q.quantization.to_json())
+        if args.compile:
+            contenders[name + " compiled"] = lambda q=q, step=compiled_decode_step(q): _ours_greedy(q, ids, n, step)
+            info[name + " compiled"] = dict(info[name])
     llamas = {}
     for t, (f, fallback) in ggufs.items():
         llm = llamas[t] = LlamaCpp(f, *_llama_args(ids, n), args.threads)
@@ -327,7 +330,7 @@ def run(args, work: Path) -> dict:
             if name.startswith("dbrx"):  # the checkpoint `dbrx quantize` writes runs as quantize_model does
                 results[name]["checkpoint_same_tokens"] = m["tokens"] == tokens[name]
     pairs = []
-    for ours, theirs, target in PAIRS:
+    for ours, theirs, target in [(o + c, t, x) for o, t, x in PAIRS for c in ("", " compiled")]:
         if ours in results and theirs in results:
             ratio = results[ours]["tok_s"] / results[theirs]["tok_s"]
             pairs.append(dict(ours=ours, theirs=theirs, ratio=ratio, target=target, met=ratio >= target))
@@ -371,7 +374,7 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds after the warm-up (median reported)")
-    ap.add_argument("--compile", action="store_true", help="add dbrx fp32 with the decode step compiled")
+    ap.add_argument("--compile", action="store_true", help="add dbrx fp32, int8 and int4 with the decode step compiled")
     ap.add_argument("--no-transformers", dest="transformers", action="store_false", help="skip transformers")
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory children")
     ap.add_argument("--workdir", default=None, metavar="DIR",
