@@ -89,7 +89,7 @@ def test_end_to_end_against_dbrx_serve(tmp_path, capsys):
     pytest.importorskip("dbrx.serve.api")
     assert main(["init", "--preset", "dbrx-tiny", str(tmp_path / "tiny")]) == 0
     rc = main(["bench", "serve", "--model", str(tmp_path / "tiny"), "--num-prompts", "4", "--input-len", "8:24",
-               "--output-len", "2:8", "--max-concurrency", "2", "--json"])
+               "--output-len", "2:8", "--max-concurrency", "2", "--json", "--served-model", "tiny"])
     out, err = capsys.readouterr()
     r = json.loads(out)
     assert rc == 0 and (r["completed"], r["failed"]) == (4, 0), r["errors"]
@@ -99,3 +99,8 @@ def test_end_to_end_against_dbrx_serve(tmp_path, capsys):
     assert 0 < r["ttft_ms"]["mean"] <= r["e2e_ms"]["mean"] and r["ttft_ms"]["p99"] <= r["e2e_ms"]["p99"]
     assert r["output_throughput"] > 0 and r["duration_s"] > 0
     assert "TTFT" in err and "output throughput" in err
+    # a name the server does not serve: the warm-up request gets the server's 404, a one-line error, exit 2
+    rc = main(["bench", "serve", "--model", str(tmp_path / "tiny"), "--num-prompts", "2", "--input-len", "8",
+               "--output-len", "2", "--json", "--served-model", "nope"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and "HTTP 404: model 'nope' not found; this server serves 'tiny'" in err

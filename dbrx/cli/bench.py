@@ -107,6 +107,9 @@ def register(subparsers) -> None:
     q.add_argument("--input-len", default="32:512", help="prompt tokens: N, or LO:HI drawn uniformly (default 32:512)")
     q.add_argument("--output-len", default="16:256", help="max_tokens: N, or LO:HI drawn uniformly (default 16:256)")
     q.add_argument("--seed", type=int, default=0, help="seed of prompts, lengths and arrivals (default 0)")
+    q.add_argument("--served-model", default=None, metavar="NAME",
+                   help="the request's `model`: the server's base name or one of its adapters (dbrx serve --adapter); "
+                        "default: none sent, the base model")
     q.add_argument("--api-key", default=None, help="sent as `Authorization: Bearer KEY`")
     q.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per request (default 600)")
     q.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
@@ -167,7 +170,7 @@ def run_serve(args: argparse.Namespace) -> int:
     requests = loadgen.make_requests(args.num_prompts, loadgen.parse_length(args.input_len, "--input-len"),
                                      loadgen.parse_length(args.output_len, "--output-len"), seed=args.seed)
     kw = dict(max_concurrency=args.max_concurrency, request_rate=rate, seed=args.seed, api_key=args.api_key,
-              timeout_s=args.timeout)
+              timeout_s=args.timeout, model=args.served_model)
     if args.model is not None:
         with loadgen.local_server(args.model, shlex.split(args.server_args)) as url:
             print(f"dbrx bench serve: started dbrx serve at {url}; {len(requests)} requests ...", file=sys.stderr,
