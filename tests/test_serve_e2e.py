@@ -113,6 +113,9 @@ def test_the_chat_page_streams_an_answer_in_a_real_browser(served):
     driver = webdriver.Chrome(options=options, service=service)
     try:
         driver.get(f"{url}/")
+        picker = driver.find_element(By.ID, "model")  # filled from /v1/models: here the base model alone
+        WebDriverWait(driver, 30).until(lambda d: picker.find_elements(By.TAG_NAME, "option"))
+        assert [o.get_attribute("value") for o in picker.find_elements(By.TAG_NAME, "option")] == [NAME]
         driver.find_element(By.ID, "max_tokens").clear()
         driver.find_element(By.ID, "max_tokens").send_keys("12")
         driver.find_element(By.ID, "input").send_keys("Hello there")
