@@ -1,7 +1,8 @@
 """llama.cpp against dbrx on the same weights: greedy tokens, CPU decode speed and peak memory (issue 11's targets).
 
 One checkpoint (--model DIR, or a random --preset model with --override, written to --workdir) is run by
-  dbrx          fp32 eager; `--compile`: fp32, int8, int4 with the decode step under torch.compile (dbrx.bench's
+  dbrx          fp32 eager (the LM head column-major, as dbrx.loading.load_pretrained stores it on the CPU);
+                `--compile`: fp32, int8, int4 with the decode step under torch.compile (dbrx.bench's
                 compiled_decode_step); int8 (per output row) and int4 (asymmetric, groups of 32 along the input, the
                 size of a Q4_0 block), both from dbrx.quant.quantize_model in memory on attention, experts, LM head
                 and embedding (what a q8_0 / q4_0 GGUF file quantizes; the router and norms stay fp32 in both)
@@ -244,6 +245,7 @@ def _prepare(args, work: Path) -> tuple[Path, dict, dict]:
 
 def run(args, work: Path) -> dict:
     from dbrx.bench import compiled_decode_step
+    from dbrx.loading import column_major_head
     from dbrx.quant import quantize_model
     from dbrx.tokenizer import get_tokenizer
 
@@ -284,6 +286,7 @@ def run(args, work: Path) -> dict:
 
         contenders["transformers fp32"] = theirs
         info["transformers fp32"] = dict(version=transformers.__version__)
+    column_major_head(fp32)  # as load_pretrained does on the CPU (after transformers got its own copy of the weights)
     for bits, group in ((8, None), (4, INT4_GROUP)):
         name = "dbrx int8" if bits == 8 else f"dbrx int4 g{INT4_GROUP}"
         q = quantize_model(_load_float(ckpt), bits, group, QUANT_TARGETS)

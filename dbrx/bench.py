@@ -29,6 +29,7 @@ import torch
 
 from .devices import parse_dtype, peak_flops, resolve_device
 from .hf_checkpoint import state_dict_to_transformers, transformers_config
+from .loading import column_major_head
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -397,17 +398,17 @@ The model: a preset with overrides (random weights, seed), or a checkpoint direc
 dbrx.loading); `--bits 8|4` quantizes it in memory (dbrx.quant: attention, experts and the LM head by default).
 Each batch size runs a random prompt of --prompt-len tokens through prefill, then --new-tokens greedy decode steps,
 timed (prefill excluded), through the model's own contiguous KV cache (`setup_cache`, one forward of (B, 1) tokens
-per step with `cache_pos`): at batch 1 on the CPU this direct loop measured faster than the serving engine's
-paged step. A step computes the logits of its last position only (the prefill too) and no router statistics. On the
-CPU an fp32 LM head is stored column-major (`column_major_head`: same weights, its (V, D) parameter a view of the
-contiguous transpose), the faster layout for its batch-1 matmul. `--compile` runs the decode step under
-torch.compile with static shapes (compiled in the warm-up round, which is not timed); the experts' batch-1 loop
-compiles into the graph (`compiled_decode_step`). The median over --rounds is reported. bandwidth_gb_s = weight
-bytes read per step / step time, where a step reads every weight once except the experts, of which only the active
-ones count (top_k per layer at batch 1; the expected number of distinct experts under uniform routing,
-E * (1 - (1 - k/E)^B), at batch B), and the embedding, of which B rows count; KV-cache reads are not counted.
-With `--compare transformers` (float weights only), transformers' DbrxForCausalLM with the same config and weights
-runs `generate` (greedy, the same prompt, KV cache) in the same rounds, alternating with ours; its step time is
+per step with `cache_pos`): at batch 1 on the CPU this direct loop measured faster than the serving engine's paged
+step. A step computes the logits of its last position only (the prefill too) and no router statistics. On the CPU an
+fp32 LM head is stored column-major (dbrx.loading.column_major_head, as load_pretrained does: same weights, its (V,
+D) parameter a view of the contiguous transpose), the faster layout for its batch-1 matmul. `--compile` runs the
+decode step under torch.compile with static shapes (compiled in the warm-up round, which is not timed); the experts'
+batch-1 loop compiles into the graph (`compiled_decode_step`). The median over --rounds is reported. bandwidth_gb_s
+= weight bytes read per step / step time, where a step reads every weight once except the experts, of which only the
+active ones count (top_k per layer at batch 1; the expected number of distinct experts under uniform routing, E * (1
+- (1 - k/E)^B), at batch B), and the embedding, of which B rows count; KV-cache reads are not counted. With
+`--compare transformers` (float weights only), transformers' DbrxForCausalLM with the same config and weights runs
+`generate` (greedy, the same prompt, KV cache) in the same rounds, alternating with ours; its step time is
 (time of 1 + N new tokens - time of 1 new token) / N. `same_tokens` is the share of greedy tokens it agrees on."""
 
 
@@ -434,20 +435,6 @@ def decode_weight_bytes(model, batch: int) -> dict:
     active = _expected_active_experts(f.moe_num_experts, f.moe_top_k, batch) / f.moe_num_experts
     per_step = total - experts - wte + experts * active + wte * min(1.0, batch / cfg.vocab_size)
     return dict(weight_bytes=total, weight_bytes_per_step=int(per_step))
-
-
-def column_major_head(model) -> bool:
-    """Store an fp32 LM head column-major on the CPU: the same (V, D) parameter (values, shape, name), its storage
-    the contiguous (D, V) transpose, so that a batch-1 head matmul streams V-long rows instead of V dot products of
-    length D. Measured at batch 1, 1 thread: 2.1x faster at d_model 64, 1.2x at 1024 (BENCHMARKS.md, issue 11); the
-    same layout is slower for some smaller fp32 matrices and 5-14x slower in bf16, so only an fp32 head gets it.
-    Returns False, changing nothing, for another dtype, a quantized head or off the CPU. Saving is unaffected
-    (save_pretrained writes contiguous copies)."""
-    w = getattr(model.lm_head, "weight", None)
-    if not isinstance(w, torch.nn.Parameter) or w.device.type != "cpu" or w.dtype != torch.float32:
-        return False
-    model.lm_head.weight = torch.nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
-    return True
 
 
 def decode_step(model, tok: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dbrx.bench import column_major_head, compiled_decode_step, decode_greedy, decode_step
+from dbrx.bench import compiled_decode_step, decode_greedy, decode_step
 from dbrx.config import DbrxConfig
+from dbrx.loading import column_major_head
 from dbrx.model import DbrxForCausalLM
 from dbrx.parallel.activation_checkpoint import apply_activation_checkpointing
 
