@@ -65,12 +65,10 @@ def column_major_head(model) -> bool:
     of length D. Measured (2-core AMD EPYC, V 100352, median of 10, 1 / 2 threads): 1 row 2.97x / 3.09x faster at
     d_model 64, 1.27x / 1.31x at 1024; 32 rows 1.12x / 1.10x and 1.26x / 1.16x; 256 rows 0.97x / 1.06x and 1.03x /
     0.91x (BENCHMARKS.md, issue 11). The same layout is slower for some smaller fp32 matrices and 5-14x slower in
-    bf16, so only an fp32 head gets it. Returns False, changing nothing, for another dtype, a quantized head, a head
-    tied to the embedding, or off the CPU. Saving is unaffected (save_pretrained writes contiguous copies)."""
+    bf16, so only an fp32 head gets it. Returns False, changing nothing, for another dtype, a quantized head or off
+    the CPU. Saving is unaffected (save_pretrained writes contiguous copies)."""
     w = getattr(model.lm_head, "weight", None)
     if not isinstance(w, torch.nn.Parameter) or w.device.type != "cpu" or w.dtype != torch.float32:
-        return False
-    if w is getattr(model.transformer.wte, "weight", None):
         return False
     model.lm_head.weight = torch.nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
     return True

@@ -88,6 +88,17 @@ def test_column_major_head_same_weights_logits_and_checkpoint(tmp_path):
     assert not column_major_head(demo_shaped().to(torch.bfloat16))  # slower in bf16: left as it is
 
 
+def test_load_pretrained_gives_an_fp32_cpu_model_the_column_major_head(tmp_path):
+    from dbrx.loading import load_pretrained
+
+    model = demo_shaped()
+    model.save_pretrained(tmp_path / "m")
+    loaded = load_pretrained(tmp_path / "m", device="cpu")
+    w = loaded.lm_head.weight
+    assert w.dtype == torch.float32 and w.stride() == (1, 512) and torch.equal(w, model.lm_head.weight)
+    assert load_pretrained(tmp_path / "m", device="cpu", dtype="bf16").lm_head.weight.is_contiguous()
+
+
 def test_column_major_head_leaves_a_quantized_head():
     from dbrx.quant import quantize_model
 
