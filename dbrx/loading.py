@@ -27,8 +27,8 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device | None =
     the faster layout for the few rows a decoding step multiplies.
     adapter: a PEFT-format LoRA adapter directory (as `dbrx finetune` with `lora.*` writes it, or PEFT for
     transformers' DbrxForCausalLM), applied unmerged on top of the base, float or quantized. It is read and checked
-    against the base's config before the base is loaded; its factors are kept in fp32 on a quantized base, in the
-    base's dtype otherwise."""
+    against the base's config before the base is loaded; its factors take the base's dtype (on a quantized base:
+    its activation dtype for attention and router, fp32 for the experts, whose GLU runs in fp32)."""
     factors = None
     if adapter is not None and os.path.isfile(os.path.join(path, "config.json")):
         factors = _read_adapter(path, adapter)  # a bad adapter fails before the (large) base is read

@@ -12,8 +12,8 @@ grouped GEMMs); `MultiLoraExperts` per (expert, slot) A (E*S, r, in), B (E*S, ou
 the same grouped expert kernels as one adapter (dbrx.kernels.lora_experts). Adapters of different ranks are
 padded with zeros to the largest (rounded up to a multiple of 8, for aligned GEMMs), an adapter without some target
 has zeros there, and each adapter's scaling is folded into its B, so the padding changes nothing. A module no
-adapter targets is left alone. The factors are frozen parameters (inference only) in the base's dtype (fp32 on a
-quantized base, whose activations may be bf16).
+adapter targets is left alone. The factors are frozen parameters (inference only) in the base's dtype (on a quantized
+base: the activation dtype for linear layers, fp32 for the experts, whose GLU runs in fp32).
 
 The per-token slots reach the modules from outside the model through the `AdapterSet` they share (the engine sets
 them around its forward); with no slots set the modules are the base model. Training keeps its own modules
