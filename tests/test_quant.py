@@ -129,6 +129,29 @@ def test_linear_weight_is_the_dequantized_matrix(bits, group, out_f, in_f):
     assert ((w.double() - wd).abs() <= tol * wd.abs() + 1e-7).all()
 
 
+@pytest.mark.parametrize("group, out_f, in_f", [(32, 40, 112), (64, 96, 320)])
+def test_dequantize_reads_both_int4_layouts(group, out_f, in_f):
+    """QLoRA's backward dequantizes through dbrx.quant.grad.dequantize: torch's CPU kernel layout and the checkpoint
+    layout (kept on CUDA) give the same matrix, the reference dequantization of the codes."""
+    from dbrx.quant.grad import dequantize
+
+    w = weight(out_f, in_f)
+    q, s, z = quantize_int4(w, group)
+    ref = deq4(q, s, z, in_f, group)
+    cpu = QuantLinear.from_quantized(4, group, in_f, q, s, z)
+    file = QuantLinear(4, group, in_f, out_f)
+    file._set(q, s, z, layout="file")
+    for layer in (cpu, file):
+        torch.testing.assert_close(dequantize(layer).double(), ref, rtol=0, atol=1e-6)
+    stack = [quantize_int4(weight(2, out_f, in_f, seed=i), group) for i in range(3)]  # w1, v1, w2 of 2 experts
+    parts = [(q_, s_, z_) for q_, s_, z_ in stack]
+    parts[2] = quantize_int4(weight(2, in_f, out_f, seed=2), group)  # w2 maps F -> D: (E, D, F)
+    experts = QuantExperts.from_quantized(4, group, *parts, layout="file")
+    q2, s2, z2 = parts[2]
+    torch.testing.assert_close(dequantize(experts.w2, 1).double(), deq4(q2[1], s2[1], z2[1], out_f, group),
+                               rtol=0, atol=1e-6)
+
+
 def layer_scale(layer, wd, w):
     """The quantization step of each weight element, recovered directly: at most |dequantized - float| * 2."""
     return ((wd - w.double()).abs() * 2).amax(-1, keepdim=True).clamp_min(1e-12)

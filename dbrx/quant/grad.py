@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import torch
 
-from .formats import SCALE_DTYPE
+from .formats import SCALE_DTYPE, dequantize_int4_rows
 
 
 @torch.no_grad()
@@ -25,6 +25,10 @@ def dequantize(qm, e: int | None = None) -> torch.Tensor:
     if qm.bits == 8:
         w, s = (qm.qweight, qm.weight_scale) if e is None else (qm.qweight[e], qm.weight_scale[e])
         return w.float() * s.float()[:, None]
+    if qm.layout == "file":  # CUDA: the checkpoint layout, (out, ceil(in/2)) uint8 + (out, ng) scales and zeros
+        w, s, z = (qm.qweight, qm.weight_scale, qm.weight_zero) if e is None else (
+            qm.qweight[e], qm.weight_scale[e], qm.weight_zero[e])
+        return dequantize_int4_rows(w, s, z, qm.in_features, qm.group_size, torch.float32)
     w, sz = qm.qweight, qm.weight_scales_and_zeros  # (Np, Kp/2) uint8, (ng, Np, 2)
     if e is not None:
         w, sz = w[e], sz[e]
