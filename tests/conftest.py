@@ -82,6 +82,15 @@ def save_hf_checkpoint(cfg: DbrxConfig, path: str | Path, seed: int = 0, std: fl
 
 
 @pytest.fixture
+def one_thread():
+    """torch at one intra-op thread for the test (tiny models on a shared 2-core machine), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def hf_checkpoint(tmp_path):
     """Factory: hf_checkpoint(cfg, seed=0, name='hf') -> (directory, transformers model)."""
 

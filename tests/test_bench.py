@@ -183,14 +183,6 @@ def test_gpu_memory_estimate_close_to_measured(kind):
 DECODE = dict(overrides=SMALL, prompt_len=6, new_tokens=4, rounds=1, threads=1)
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _step_fields(entry):
     _positive(entry, "ms_per_step", "tokens_per_s", "bandwidth_gb_s")
 

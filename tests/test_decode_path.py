@@ -19,14 +19,6 @@ def demo_shaped(**kw) -> DbrxForCausalLM:
     return DbrxForCausalLM.from_config(cfg, seed=0).eval()
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_hidden_states_without_stats_are_the_same_and_skip_the_router_statistics(monkeypatch):
     model = demo_shaped()
     ids = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(0))

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..kernels.experts import expert_loop, sort_by_expert
 from .formats import SCALE_DTYPE, dequantize_int4_rows, int4_kernel_layout, int4_mm, int8_mm
+from .grad import quant_matmul
 
 _DEQUANT_ROWS = 1 << 12  # rows (int8) dequantized at a time by QuantLinear.weight
 _DEQUANT_COLS = 256  # input columns (int4) read back through the kernel at a time
@@ -154,8 +155,6 @@ class QuantLinear(_QuantMatmul):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        from .grad import quant_matmul
-
         y = quant_matmul(x.reshape(-1, self.in_features), self)  # (M, out), differentiable w.r.t. x
         return y.view(*lead, self.out_features)
 
@@ -240,8 +239,6 @@ class QuantExperts(nn.Module):
     def _expert(self, xs: torch.Tensor, e: int) -> torch.Tensor:
         """xs (r, D) bf16 through expert e -> (r, D) fp32 (the GLU in fp32 between the two kernel calls).
         Differentiable w.r.t. xs (dbrx.quant.grad), for QLoRA whose adapters leave the experts quantized."""
-        from .grad import quant_matmul
-
         gu = quant_matmul(xs, self.w13, e).float()  # (r, 2F)
         h = F.silu(gu[:, : self.ffn]) * gu[:, self.ffn:]  # (r, F)
         return quant_matmul(h.to(SCALE_DTYPE), self.w2, e).float()  # (r, D)
