@@ -28,7 +28,7 @@ def with_field(d: dict, path: str, value) -> dict:
     if not dot:
         d[section] = value
     elif isinstance(d.get(section), dict):
-        d[section][name] = value
+        d[section] = {**d[section], name: value}  # a copy: the section may be a value hypothesis shares (sampled_from)
     return d
 
 
