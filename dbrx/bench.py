@@ -29,6 +29,7 @@ import torch
 
 from .devices import parse_dtype, peak_flops, resolve_device
 from .hf_checkpoint import state_dict_to_transformers, transformers_config
+from .kernels.cpu_matvec import use_matvec_linears
 from .loading import column_major_head
 
 
@@ -401,7 +402,9 @@ timed (prefill excluded), through the model's own contiguous KV cache (`setup_ca
 per step with `cache_pos`): at batch 1 on the CPU this direct loop measured faster than the serving engine's paged
 step. A step computes the logits of its last position only (the prefill too) and no router statistics. On the CPU an
 fp32 LM head is stored column-major (dbrx.loading.column_major_head, as load_pretrained does: same weights, its (V,
-D) parameter a view of the contiguous transpose), the faster layout for its batch-1 matmul. `--compile` runs the
+D) parameter a view of the contiguous transpose), the faster layout for its batch-1 matmul, and its Linear layers
+are dbrx.kernels.cpu_matvec.MatvecLinear (few fp32 rows split over every thread; quantized layers use that module's
+int8/int4 kernels where they fit, as everywhere). `--compile` runs the
 decode step under torch.compile with static shapes (compiled in the warm-up round, which is not timed); the experts'
 batch-1 loop compiles into the graph (`compiled_decode_step`). The median over --rounds is reported. bandwidth_gb_s
 = weight bytes read per step / step time, where a step reads every weight once except the experts, of which only the
@@ -571,6 +574,7 @@ def run_decode_bench(
             quantize_model(model, bits, group_size, quant_targets)
         spec = getattr(model, "quantization", None)
         head_layout = "column-major" if column_major_head(model) else "as loaded"
+        matvec_linears = use_matvec_linears(model) if dev.type == "cpu" else 0
         report = dict(
             bench="decode", preset=None if model_dir else preset, overrides=overrides or {}, model=model_dir,
             dtype=str(torch_dtype).removeprefix("torch."), device=str(dev),
@@ -578,6 +582,7 @@ def run_decode_bench(
             quantization=spec.to_json() if spec is not None else None, threads=torch.get_num_threads(),
             prompt_len=prompt_len, new_tokens=new_tokens, rounds=rounds, torch=torch.__version__,
             date=datetime.date.today().isoformat(), loop="direct (contiguous KV cache)", head_layout=head_layout,
+            matvec_linears=matvec_linears,
             compile=compile, results=[],
         )
         gen = torch.Generator().manual_seed(seed)

@@ -1,7 +1,7 @@
 """Load any checkpoint `dbrx` writes, float or quantized, as the verbs, the evaluation harness and Python callers
 want it: the device checked before anything is read, eval mode, the default dtype by device.
 
-Imports: dbrx.devices, dbrx.hf_checkpoint, dbrx.model, dbrx.quant, dbrx.lora (adapters).
+Imports: dbrx.devices, dbrx.hf_checkpoint, dbrx.kernels, dbrx.model, dbrx.quant, dbrx.lora (adapters).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 
 from .devices import parse_dtype, resolve_device
 from .hf_checkpoint import quantization_config
+from .kernels.cpu_matvec import use_matvec_linears
 from .model import DbrxForCausalLM
 
 
@@ -24,7 +25,8 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device | None =
     Quantized checkpoints (`quantization_config` in config.json, written by `dbrx quantize`): the CPU kernels of
     dbrx.quant, device default cpu, activations in `dtype` (default fp32).
     On the CPU an fp32 LM head is stored column-major (`column_major_head`: same values, same parameter shape),
-    the faster layout for the few rows a decoding step multiplies.
+    the faster layout for the few rows a decoding step multiplies, and the fp32 Linear layers become
+    dbrx.kernels.cpu_matvec.MatvecLinear (same parameters; few rows split over every thread at inference).
     adapter: a PEFT-format LoRA adapter directory (as `dbrx finetune` with `lora.*` writes it, or PEFT for
     transformers' DbrxForCausalLM), applied unmerged on top of the base, float or quantized. It is read and checked
     against the base's config before the base is loaded; its factors take the base's dtype (on a quantized base:
@@ -42,6 +44,8 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device | None =
         torch_dtype = parse_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
         model = DbrxForCausalLM.from_pretrained(path, dtype=torch_dtype, device=dev, allow_nonfinite=allow_nonfinite)
         column_major_head(model)
+        if dev.type == "cpu":
+            use_matvec_linears(model)  # few fp32 rows over every thread (dbrx.kernels.cpu_matvec)
     if adapter is not None:
         from .lora.peft_format import attach_factors
 

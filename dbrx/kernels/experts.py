@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..compat import TORCH_VERSION as _TORCH  # patched by tests
+from .cpu_matvec import matmul
 
 BACKENDS = ("auto", "grouped_mm", "triton", "dense", "loop")
 
@@ -287,9 +288,10 @@ def glu_expert(x: torch.Tensor, w1: torch.Tensor, v1: torch.Tensor, w2: torch.Te
         w1s, v1s, w2s = w1.unbind(0), v1.unbind(0), w2.unbind(0)
         return lambda xs, e: (F.silu(xs @ w1s[e].T) * (xs @ v1s[e].T)) @ w2s[e]
 
-    def expert(xs, e):  # inference: SiLU and the product in place; w[e] a view (compiled: an unbacked index)
-        h = xs @ w1[e].T  # (r, F)
-        return F.silu(h, inplace=True).mul_(xs @ v1[e].T) @ w2[e]  # (r, D)
+    def expert(xs, e):  # inference: SiLU and the product in place; w[e] a view (compiled: an unbacked index);
+        # few fp32 rows on the CPU through our threaded kernel (dbrx.kernels.cpu_matvec)
+        h = matmul(xs, w1[e].T)  # (r, F)
+        return matmul(F.silu(h, inplace=True).mul_(matmul(xs, v1[e].T)), w2[e])  # (r, D)
 
     return expert
 

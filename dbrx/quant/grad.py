@@ -25,7 +25,7 @@ def dequantize(qm, e: int | None = None) -> torch.Tensor:
     if qm.bits == 8:
         w, s = (qm.qweight, qm.weight_scale) if e is None else (qm.qweight[e], qm.weight_scale[e])
         return w.float() * s.float()[:, None]
-    if qm.layout == "file":  # CUDA: the checkpoint layout, (out, ceil(in/2)) uint8 + (out, ng) scales and zeros
+    if qm.layout == "file":  # CUDA or our CPU kernels: the checkpoint layout, (out, ceil(in/2)) uint8 + (out, ng) scales and zeros
         w, s, z = (qm.qweight, qm.weight_scale, qm.weight_zero) if e is None else (
             qm.qweight[e], qm.weight_scale[e], qm.weight_zero[e])
         return dequantize_int4_rows(w, s, z, qm.in_features, qm.group_size, torch.float32)
@@ -67,7 +67,7 @@ class _QuantMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, qm, e):
         ctx.qm, ctx.e = qm, e
-        return qm.mm(x.to(SCALE_DTYPE), e).to(x.dtype)
+        return qm.mm(x, e).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
@@ -79,7 +79,7 @@ def quant_matmul(x: torch.Tensor, qm, e: int | None = None) -> torch.Tensor:
     """x (M, in) @ W^T (W_e^T of a stack) -> (M, out) in x's dtype; differentiable w.r.t. x (never w.r.t. W)."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _QuantMM.apply(x, qm, e)
-    return qm.mm(x.to(SCALE_DTYPE), e).to(x.dtype)
+    return qm.mm(x, e).to(x.dtype)
 
 
 __all__ = ["quant_matmul", "dequantize"]

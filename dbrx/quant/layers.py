@@ -2,8 +2,11 @@
 
 They hold the weights in the kernels' layouts (dbrx.quant.formats) and are built from the checkpoint layout
 (`from_quantized`), so a model quantized in memory and one loaded from a quantized checkpoint are the same.
-Activations meet the weights in bf16 (the dtype torch's CPU kernels are fast in) and leave in the model's dtype.
-QuantLinear is differentiable w.r.t. its input (dbrx.quant.grad.quant_matmul), for QLoRA.
+Kernels: on the CPU our own (dbrx.kernels.cpu_matvec: activations quantized to int8 in blocks of 32, integer dot
+products, every thread) for matrices whose input dim they take (a multiple of 32, at least
+MIN_QUANT_IN_FEATURES), with int4 kept in the checkpoint layout; else torch's weight-only kernels, whose
+activations meet the weights in bf16 (the dtype they are fast in). On CUDA our Triton kernels. Outputs leave in
+the model's dtype. QuantLinear is differentiable w.r.t. its input (dbrx.quant.grad.quant_matmul), for QLoRA.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import cpu_matvec
 from ..kernels.experts import expert_loop, sort_by_expert
 from .formats import SCALE_DTYPE, dequantize_int4_rows, int4_kernel_layout, int4_mm, int8_mm
 from .grad import quant_matmul
@@ -52,12 +56,13 @@ class _QuantMatmul(nn.Module):
     def _set(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, layout: str | None = None) -> None:
         """From the checkpoint layout, (E?, out, in | in/2) + scale (+ zero); one matrix at a time for int4.
 
-        On the CPU, int4 goes to torch's kernel layout; on CUDA every weight stays in the checkpoint layout, which
-        the Triton kernel reads (the layout is fixed at build time: an int4 layer built on one kind of device does
-        not run on the other). `layout` 'file' forces the checkpoint layout on the CPU (tests of the Triton path under
-        its interpreter)."""
+        On CUDA every weight stays in the checkpoint layout, which the Triton kernel reads; on the CPU too where
+        our kernels take the matrix (`matvec`), else int4 goes to torch's kernel layout (fixed at build time: such
+        an int4 layer does not run on CUDA). `layout` 'file' forces the checkpoint layout and torch's or Triton's
+        kernels (tests of the Triton path under its interpreter)."""
         check_device(q.device)
-        self.layout = layout or ("file" if q.device.type == "cuda" else "cpu")
+        self.matvec = layout is None and q.device.type == "cpu" and cpu_matvec.quant_fits(self.in_features)
+        self.layout = layout or ("file" if q.device.type == "cuda" or self.matvec else "cpu")
         if self.bits == 8:
             self.register_buffer("qweight", q.contiguous())  # (E?, out, in) int8
             self.register_buffer("weight_scale", scale.to(SCALE_DTYPE).contiguous())  # (E?, out)
@@ -78,7 +83,8 @@ class _QuantMatmul(nn.Module):
 
     def _gpu(self, x: torch.Tensor) -> bool:
         """Whether x goes to the Triton kernel (CUDA); ValueError when the weights' layout cannot serve x."""
-        if x.device.type == "cpu" and self.qweight.device.type == "cpu" and (self.layout == "cpu" or self.bits == 8):
+        if x.device.type == "cpu" and self.qweight.device.type == "cpu" and (
+                self.layout == "cpu" or self.bits == 8 or self.matvec):
             return False
         if x.device.type == "cuda" and self.qweight.device == x.device and (self.layout == "file" or self.bits == 8):
             return True
@@ -96,10 +102,18 @@ class _QuantMatmul(nn.Module):
         return _gpu_gmm(x, q, s, z, bounds, self.bits, self.group_size, self.in_features)
 
     def mm(self, x: torch.Tensor, e: int | None = None) -> torch.Tensor:
-        """x (M, in) in SCALE_DTYPE -> (M, out) in SCALE_DTYPE."""
+        """x (M, in) float -> (M, out): fp32 from our CPU kernels, SCALE_DTYPE from torch's and Triton's."""
         if self._gpu(x):
             assert e is None, "on CUDA the experts run grouped (QuantExperts._grouped_gpu)"
+            x = x.to(SCALE_DTYPE)
             return self.grouped(x, torch.tensor([0, x.shape[0]], dtype=torch.int32, device=x.device))
+        if self.matvec:
+            w, s = (self.qweight, self.weight_scale) if e is None else (self.qweight[e], self.weight_scale[e])
+            if self.bits == 8:
+                return cpu_matvec.q8_linear(x, w, s)
+            z = self.weight_zero if e is None else self.weight_zero[e]
+            return cpu_matvec.q4_linear(x, w, s, z, self.group_size)
+        x = x.to(SCALE_DTYPE)
         if self.bits == 8:
             w, s = (self.qweight, self.weight_scale) if e is None else (self.qweight[e], self.weight_scale[e])
             return int8_mm(x, w, s)
@@ -141,7 +155,7 @@ class QuantLinear(_QuantMatmul):
                     q, sc = self.qweight[s:s + _DEQUANT_ROWS], self.weight_scale[s:s + _DEQUANT_ROWS]
                     out[s:s + _DEQUANT_ROWS] = q.float() * sc.float()[:, None]
                 return out
-            if self.layout == "file":  # CUDA: the checkpoint layout, dequantized directly
+            if self.layout == "file":  # the checkpoint layout (CUDA, our CPU kernels), dequantized directly
                 codes = torch.stack((self.qweight & 15, self.qweight >> 4), dim=-1).flatten(-2)[:, : self.in_features]
                 g = torch.arange(self.in_features, device=codes.device) // self.group_size
                 out.copy_((codes.float() - 8) * self.weight_scale.float()[:, g] + self.weight_zero.float()[:, g])
@@ -219,9 +233,9 @@ class QuantExperts(nn.Module):
         """x (N, D), router weights (N, K) fp32, expert ids (N, K) -> (N, D) in x's dtype. `backend` and
         `recompute` belong to the float experts (training) and are ignored here."""
         N, K = idx.shape
-        xb = x.to(SCALE_DTYPE)
+        xb = x if self.w13.matvec else x.to(SCALE_DTYPE)  # our CPU kernels take any float dtype
         if self.w13._gpu(xb):
-            return self._grouped_gpu(xb, weights, idx).to(x.dtype)
+            return self._grouped_gpu(xb.to(SCALE_DTYPE), weights, idx).to(x.dtype)
         decode = N == 1 and not (torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad))
         # the float experts' loop (dbrx.kernels.experts.expert_loop): at batch 1 the K chosen experts in turn, no
         # sort; else the rows sorted by expert, one pair of kernel calls per expert with rows; fp32 sums
@@ -229,19 +243,19 @@ class QuantExperts(nn.Module):
         return expert_loop(xb, weights.float(), idx, expert, self.n_experts, torch.float32).to(x.dtype)
 
     def _expert_decode(self, xs: torch.Tensor, e: int) -> torch.Tensor:
-        """xs (1, D) bf16 through expert e -> (1, D) bf16: the kernels and bf16 between them, few ops (decode is
-        dispatch-bound). Compiled with captured scalar outputs, e is an unbacked integer and the kernels read the
+        """xs (1, D) through expert e -> (1, D): the kernels and their output dtype between them, few ops (decode
+        is dispatch-bound). Compiled with captured scalar outputs, e is an unbacked integer and the kernels read the
         expert's slice of the stacks in place."""
         gu = self.w13.mm(xs, e)  # (1, 2F) bf16
         h = F.silu(gu[:, : self.ffn]).mul_(gu[:, self.ffn:])  # (1, F)
         return self.w2.mm(h, e)  # (1, D)
 
     def _expert(self, xs: torch.Tensor, e: int) -> torch.Tensor:
-        """xs (r, D) bf16 through expert e -> (r, D) fp32 (the GLU in fp32 between the two kernel calls).
+        """xs (r, D) through expert e -> (r, D) fp32 (the GLU in fp32 between the two kernel calls).
         Differentiable w.r.t. xs (dbrx.quant.grad), for QLoRA whose adapters leave the experts quantized."""
         gu = quant_matmul(xs, self.w13, e).float()  # (r, 2F)
         h = F.silu(gu[:, : self.ffn]) * gu[:, self.ffn:]  # (r, F)
-        return quant_matmul(h.to(SCALE_DTYPE), self.w2, e).float()  # (r, D)
+        return quant_matmul(h, self.w2, e).float()  # (r, D)
 
     def _grouped_gpu(self, xb, weights, idx):
         """CUDA: every routed row in one grouped Triton launch per matrix, no host sync."""

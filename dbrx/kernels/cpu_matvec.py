@@ -1,0 +1,163 @@
+"""Our CPU kernels for products with few rows (decoding), compiled from `cpu/matvec.cpp` on first use.
+
+torch's CPU kernels for an (M, K) @ (K, N) product with few rows M run on one core, and its weight-only int8/int4
+kernels read the weights at 3-12 GB/s. These split the N outputs over torch's intra-op threads and, for int8 and
+int4 weights, take integer dot products against the activations quantized to int8 in blocks of 32 (one fp32
+scale per block, as llama.cpp does), accumulated in fp32:
+
+  q8_linear(x, q, scale)              int8 q (N, K), scale (N,) bf16 (dbrx.quant.formats, per output row)
+  q4_linear(x, q, scale, zero, G)     the int4 checkpoint layout: q uint8 (N, K/2), scale and zero (N, K/G) bf16
+  f32_linear(x, wt)                   fp32 wt (K, N), any strides; torch's own matmul on each thread's columns
+
+Each returns fp32 (M, N). Under torch.compile they are custom ops (dbrx::...), opaque to the graph. They need an
+x86-64 CPU with AVX2 and FMA, a C++ compiler and ninja (torch's extension builder; the first build takes about a
+minute and is cached); `kernels()` is None where any is missing or the build fails, and callers keep torch's
+kernels. DBRX_CPU_KERNELS=0 turns them off. Imports torch only.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_SRC = Path(__file__).with_name("cpu") / "matvec.cpp"
+BLOCK = 32  # activations per int8 block: the input dim must be a multiple of it
+# Narrower inputs stay on torch's kernels: at K = 64 (the demo's d_model) ours were 1.1-1.4x slower on the
+# 100352-row head, at K >= 1024 1.2-2.8x faster, at every M from 1 to 256 (BENCHMARKS.md, issue 11).
+MIN_QUANT_IN_FEATURES = 256
+MAX_F32_ROWS = 32  # fp32: up to this many rows (at 2 threads 1.0-1.6x torch at 1-32 rows; torch's own above)
+
+
+def _cpu_has_avx2() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    return "avx2" in flags and "fma" in flags
+
+
+@functools.cache
+def kernels():
+    """The compiled extension, or None where it cannot be built here (then torch's kernels are used)."""
+    if os.environ.get("DBRX_CPU_KERNELS", "1") == "0" or not _cpu_has_avx2():
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(name="dbrx_cpu_matvec", sources=[str(_SRC)],
+                    extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    except Exception as e:  # no compiler, no ninja, a read-only cache ...
+        warnings.warn(f"dbrx's CPU kernels could not be built ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      f"using torch's kernels", stacklevel=2)
+        return None
+
+
+def quant_fits(in_features: int) -> bool:
+    """Whether a quantized matrix with this input dim runs on our kernels on the CPU."""
+    return in_features % BLOCK == 0 and in_features >= MIN_QUANT_IN_FEATURES and kernels() is not None
+
+
+@torch.compiler.assume_constant_result  # a constant to torch.compile, not traced (no graph break)
+def _f32_enabled() -> bool:
+    """fp32: our kernel only pays with more than one thread (at one it is torch's own matmul)."""
+    return torch.get_num_threads() > 1 and kernels() is not None
+
+
+def _f32_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu"
+            and w.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= MAX_F32_ROWS
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and _f32_enabled())
+
+
+# ---- the ops: the extension's functions directly in eager mode (no dispatcher cost), custom ops under compile ----
+@torch.library.custom_op("dbrx::q8_linear", mutates_args=())
+def _q8_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return kernels().q8_linear(x, q, scale)
+
+
+@torch.library.custom_op("dbrx::q4_linear", mutates_args=())
+def _q4_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
+    return kernels().q4_linear(x, q, scale, zero, group)
+
+
+@torch.library.custom_op("dbrx::f32_linear", mutates_args=())
+def _f32_op(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    return kernels().f32_linear(x, wt)
+
+
+@_q8_op.register_fake
+def _(x, q, scale):
+    return x.new_empty(x.shape[0], q.shape[0], dtype=torch.float32)
+
+
+@_q4_op.register_fake
+def _(x, q, scale, zero, group):
+    return x.new_empty(x.shape[0], q.shape[0], dtype=torch.float32)
+
+
+@_f32_op.register_fake
+def _(x, wt):
+    return x.new_empty(x.shape[0], wt.shape[1], dtype=torch.float32)
+
+
+def q8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float @ (q * scale)^T -> (M, N) fp32."""
+    return _q8_op(x, q, scale) if torch.compiler.is_compiling() else kernels().q8_linear(x, q, scale)
+
+
+def q4_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
+    """x (M, K) float @ ((codes - 8) * scale + zero)^T, the int4 checkpoint layout -> (M, N) fp32."""
+    if torch.compiler.is_compiling():
+        return _q4_op(x, q, scale, zero, group)
+    return kernels().q4_linear(x, q, scale, zero, group)
+
+
+def matmul(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ wt (K, N): our threaded kernel for few fp32 rows at inference, else torch's."""
+    if not _f32_fits(x, wt):
+        return x @ wt
+    return _f32_op(x, wt) if torch.compiler.is_compiling() else kernels().f32_linear(x, wt)
+
+
+class MatvecLinear(nn.Linear):
+    """nn.Linear whose inference on few fp32 rows on the CPU runs `matmul` (the outputs over every thread);
+    training, other dtypes and devices, and many rows go to F.linear. Same parameters and state dict."""
+
+    @classmethod
+    def from_linear(cls, m: nn.Linear) -> MatvecLinear:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = m.in_features, m.out_features
+        new.weight, new.bias = m.weight, m.bias  # the same Parameters
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # (M, in)
+        if self.bias is not None or not _f32_fits(x2, self.weight):
+            return F.linear(x, self.weight, self.bias)
+        return matmul(x2, self.weight.T).view(*x.shape[:-1], self.out_features)
+
+
+def use_matvec_linears(model: nn.Module) -> int:
+    """Replace the plain nn.Linear modules of `model` by MatvecLinear (same parameters) where the kernels exist;
+    returns how many. Nothing changes on a machine without them."""
+    if kernels() is None:
+        return 0
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is nn.Linear]
+    for parent, name, child in swaps:
+        setattr(parent, name, MatvecLinear.from_linear(child))
+    return len(swaps)
+
+
+__all__ = ["BLOCK", "MIN_QUANT_IN_FEATURES", "MAX_F32_ROWS", "kernels", "quant_fits", "q8_linear", "q4_linear",
+           "matmul", "MatvecLinear", "use_matvec_linears"]
