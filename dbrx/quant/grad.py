@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import torch
 
-from .formats import SCALE_DTYPE, dequantize_int4_rows
+from .formats import dequantize_int4_rows
 
 
 @torch.no_grad()
@@ -25,7 +25,8 @@ def dequantize(qm, e: int | None = None) -> torch.Tensor:
     if qm.bits == 8:
         w, s = (qm.qweight, qm.weight_scale) if e is None else (qm.qweight[e], qm.weight_scale[e])
         return w.float() * s.float()[:, None]
-    if qm.layout == "file":  # CUDA or our CPU kernels: the checkpoint layout, (out, ceil(in/2)) uint8 + (out, ng) scales and zeros
+    if qm.layout == "file":  # the checkpoint layout (CUDA, our CPU kernels): (out, ceil(in/2)) uint8 + (out, ng)
+        # scales and zeros
         w, s, z = (qm.qweight, qm.weight_scale, qm.weight_zero) if e is None else (
             qm.qweight[e], qm.weight_scale[e], qm.weight_zero[e])
         return dequantize_int4_rows(w, s, z, qm.in_features, qm.group_size, torch.float32)
