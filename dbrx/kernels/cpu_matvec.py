@@ -33,6 +33,7 @@ BLOCK = 32  # activations per int8 block: the input dim must be a multiple of it
 # 100352-row head, at K >= 1024 1.2-2.8x faster, at every M from 1 to 256 (BENCHMARKS.md, issue 11).
 MIN_QUANT_IN_FEATURES = 256
 MAX_F32_ROWS = 32  # fp32: up to this many rows (at 2 threads 1.0-1.6x torch at 1-32 rows; torch's own above)
+MIN_F32_OUT = 256  # fp32: at least this many outputs (the router's 16 are not worth a parallel region)
 
 
 def _cpu_has_avx2() -> bool:
@@ -74,7 +75,7 @@ def _f32_enabled() -> bool:
 
 def _f32_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu"
-            and w.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= MAX_F32_ROWS
+            and w.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= MAX_F32_ROWS and w.shape[-1] >= MIN_F32_OUT
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and _f32_enabled())
 
 

@@ -9,9 +9,11 @@
 //              (the even input in the low nibble):                   w = (q - 8) * scale + zero
 //   f32_linear W fp32, any strides (row- or column-major), through torch's own matmul per thread slice
 //
-// The quantized kernels quantize the activations in blocks of 32 to int8 with one fp32 scale per block (as
-// llama.cpp's Q8_0 activations) and take integer dot products of the blocks (AVX2 maddubs), accumulated in fp32.
-// K must be a multiple of 32 (the Python side checks and falls back to torch's kernels otherwise).
+// The quantized kernels write each block of 32 activations as two int8 codes per element, x ~ d * (R * hi + lo)
+// with R = 254 (hi as llama.cpp's Q8_0 activations; lo the rounding residual of hi, at 1/254 of its step), so the
+// activations keep about 15 bits and the error is far below bf16's, and take integer dot products of the blocks
+// (AVX2 maddubs; R * (w . hi) + w . lo exact in int32), accumulated in fp32. K must be a multiple of 32 (the Python
+// side checks and falls back to torch's kernels otherwise).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -41,14 +43,19 @@ inline __m256 bf16x8(const at::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
 }
 
-// 32 unsigned bytes . 32 signed bytes, as 8 fp32 partial sums (|products| stay below 2^15 for our codes)
-inline __m256 dot_u8s8(__m256i u, __m256i s) {
-  const __m256i pairs = _mm256_maddubs_epi16(u, s);  // (16,) int16
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));  // (8,) int32 -> fp32
+constexpr int R = 254;  // the weight of the high activation codes
+
+// 32 unsigned bytes . (R * hi + lo), 32 signed bytes each, as 8 fp32 partial sums: exact (|u| <= 127, |hi|, |lo| <=
+// 127: each maddubs pair stays below 2^15 and each int32 below 2^25)
+inline __m256 dot2_u8s8(__m256i u, __m256i hi, __m256i lo) {
+  const __m256i h = _mm256_madd_epi16(_mm256_maddubs_epi16(u, hi), _mm256_set1_epi16(R));
+  const __m256i l = _mm256_madd_epi16(_mm256_maddubs_epi16(u, lo), _mm256_set1_epi16(1));
+  return _mm256_cvtepi32_ps(_mm256_add_epi32(h, l));
 }
 
-// x (M, K) fp32 -> xq (M, K) int8 and d (M, nb) fp32 with xq * d ~ x per block of 32. `deinterleave`: within each
-// block the even elements first, then the odd ones, the order of the int4 codes' low and high nibbles.
+// x (M, K) fp32 -> xq (M, nb, 2, 32) int8, the hi then the lo codes of each block, and d (M, nb) fp32, the lo step:
+// x ~ d * (R * hi + lo). `deinterleave`: within each block the even elements first, then the odd ones, the order of
+// the int4 codes' low and high nibbles.
 void quantize_activations(const float* x, int64_t M, int64_t K, int8_t* xq, float* d, bool deinterleave) {
   const int64_t nb = K / QK;
   for (int64_t m = 0; m < M; ++m) {
@@ -56,17 +63,21 @@ void quantize_activations(const float* x, int64_t M, int64_t K, int8_t* xq, floa
       const float* xb = x + m * K + b * QK;
       float amax = 0.f;
       for (int64_t i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(xb[i]));
-      const float db = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      d[m * nb + b] = db;
-      int8_t* qb = xq + m * K + b * QK;
+      const float step = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;  // hi: x / step
+      d[m * nb + b] = step / R;
+      int8_t* hi = xq + (m * nb + b) * 2 * QK;
+      int8_t* lo = hi + QK;
       for (int64_t i = 0; i < QK; ++i) {
         const int64_t j = deinterleave ? (i % 2) * (QK / 2) + i / 2 : i;
-        qb[j] = static_cast<int8_t>(std::nearbyint(xb[i] * inv));
+        const float h = std::nearbyint(xb[i] * inv);
+        hi[j] = static_cast<int8_t>(h);
+        lo[j] = static_cast<int8_t>(std::clamp(std::nearbyint((xb[i] - h * step) * inv * R), -127.f, 127.f));
       }
     }
   }
 }
 
+// One block b of a weight row against T activation rows (xq rows 2K apart).
 template <int T>
 inline void q8_block(const int8_t* w, const int8_t* xq, const float* d, int64_t K, int64_t nb, int64_t b,
                      __m256 (&acc)[T]) {
@@ -74,9 +85,12 @@ inline void q8_block(const int8_t* w, const int8_t* xq, const float* d, int64_t 
   const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * QK));
   const __m256i aw = _mm256_sign_epi8(wv, wv);  // |w|
   for (int t = 0; t < T; ++t) {
-    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + t * K + b * QK));
-    const __m256i sx = _mm256_sign_epi8(xv, wv);  // x * sign(w): |w| . sx == w . x
-    acc[t] = _mm256_fmadd_ps(dot_u8s8(aw, sx), _mm256_set1_ps(d[t * nb + b]), acc[t]);
+    const int8_t* xb = xq + t * 2 * K + b * 2 * QK;
+    const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb));
+    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + QK));
+    // x * sign(w): |w| . (x * sign(w)) == w . x
+    const __m256 dot = dot2_u8s8(aw, _mm256_sign_epi8(hi, wv), _mm256_sign_epi8(lo, wv));
+    acc[t] = _mm256_fmadd_ps(dot, _mm256_set1_ps(d[t * nb + b]), acc[t]);
   }
 }
 
@@ -109,8 +123,10 @@ inline void q4_block(const uint8_t* w, const at::BFloat16* sn, int shift, const 
                                          _mm_and_si128(bytes, low));  // (evens | odds) in 0..15
   const float s = static_cast<float>(sn[b >> shift]);  // group b / (blocks per group)
   for (int t = 0; t < T; ++t) {
-    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + t * K + b * QK));
-    acc[t] = _mm256_fmadd_ps(dot_u8s8(codes, xv), _mm256_set1_ps(d[t * nb + b] * s), acc[t]);
+    const int8_t* xb = xq + t * 2 * K + b * 2 * QK;
+    const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb));
+    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + QK));
+    acc[t] = _mm256_fmadd_ps(dot2_u8s8(codes, hi, lo), _mm256_set1_ps(d[t * nb + b] * s), acc[t]);
   }
 }
 
@@ -156,7 +172,7 @@ at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Tens
   TORCH_CHECK(scale.scalar_type() == at::kBFloat16 && scale.numel() == N && scale.is_contiguous(), "scale (N,) bf16");
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const int64_t M = x.size(0);
-  std::vector<int8_t> xq(M * K);
+  std::vector<int8_t> xq(M * 2 * K);
   std::vector<float> d(M * nb);
   quantize_activations(x.data_ptr<float>(), M, K, xq.data(), d.data(), false);
   at::Tensor y = at::empty({M, N}, x.options());
@@ -168,7 +184,7 @@ at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Tens
       const float s = static_cast<float>(sp[n]);
       for (int64_t m0 = 0; m0 < M; m0 += TILE) {
         const int64_t T = std::min(TILE, M - m0);
-        const int8_t* xm = xq.data() + m0 * K;
+        const int8_t* xm = xq.data() + m0 * 2 * K;
         const float* dm = d.data() + m0 * nb;
         float* out = yp + m0 * N + n;
         switch (T) {
@@ -195,7 +211,7 @@ at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Tens
                     t->is_contiguous(), "scale and zero must be contiguous bf16 (N, ", ng, ")");
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const int64_t M = x.size(0);
-  std::vector<int8_t> xq(M * K);
+  std::vector<int8_t> xq(M * 2 * K);
   std::vector<float> d(M * nb), xsum(M * ng, 0.f);  // xsum: each group's sum of the (unquantized) activations
   quantize_activations(x.data_ptr<float>(), M, K, xq.data(), d.data(), true);
   const float* xp = x.data_ptr<float>();
@@ -210,7 +226,7 @@ at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Tens
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t m0 = 0; m0 < M; m0 += TILE) {
         const int64_t T = std::min(TILE, M - m0);
-        const int8_t* xm = xq.data() + m0 * K;
+        const int8_t* xm = xq.data() + m0 * 2 * K;
         const float *dm = d.data() + m0 * nb, *xs = xsum.data() + m0 * ng;
         const uint8_t* w = qp + n * (K / 2);
         float* out = yp + m0 * N + n;
