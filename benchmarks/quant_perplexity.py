@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dbrx import DbrxForCausalLM
+from dbrx.kernels import cpu_matvec
 from dbrx.quant import quantize_model
 from dbrx.train.data import PackedSequences, TokenDataset, split_documents
 
@@ -45,7 +46,13 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--targets", default="attn,experts,lm_head", help="quantized parts (dbrx.quant.TARGETS)")
     ap.add_argument("--groups", default="32,64,128", help="int4 group sizes to try")
+    ap.add_argument("--ours-from", type=int, default=None, metavar="K",
+                    help="run every quantized matrix with at least K inputs (a multiple of 32) on dbrx's CPU kernels "
+                         "(dbrx.kernels.cpu_matvec; default its MIN_QUANT_IN_FEATURES, which the demo's 64-wide "
+                         "layers are below): with 32 the demo's attention, gate/up and head run on them")
     args = ap.parse_args()
+    if args.ours_from is not None:
+        cpu_matvec.MIN_QUANT_IN_FEATURES = args.ours_from
     targets = tuple(args.targets.split(","))
     torch.set_num_threads(1)
     base = DbrxForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
@@ -63,7 +70,9 @@ def main() -> None:
         ppl = {k: perplexity(m, windows) for k, m in models.items()}
         out[stream.name] = {k: {"ppl": round(v, 3), "rise_pct": round(100 * (v / ppl["fp32"] - 1), 2)}
                             for k, v in ppl.items()}
-        print(json.dumps({stream.name: out[stream.name], "targets": list(targets)}), flush=True)
+        kernels = {k: sorted({"ours" if getattr(mod, "matvec", False) else "torch" for mod in m.modules()
+                              if hasattr(mod, "qweight")}) for k, m in models.items() if k != "fp32"}
+        print(json.dumps({stream.name: out[stream.name], "targets": list(targets), "kernels": kernels}), flush=True)
 
 
 if __name__ == "__main__":

@@ -126,6 +126,14 @@ def test_f32_kernel_leaves_autograd_to_torch():
         torch.testing.assert_close(cpu_matvec.matmul(x, w.T), x @ w.T, rtol=1e-5, atol=1e-5)
 
 
+def test_f32_kernel_under_inference_mode():
+    """The serving engine runs under torch.inference_mode, which the kernel's worker threads do not inherit."""
+    w = torch.randn(300, 64, requires_grad=True)
+    with torch.inference_mode():
+        x = torch.randn(3, 64)
+        torch.testing.assert_close(cpu_matvec.matmul(x, w.T), x @ w.T, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_shapes_are_refused():
     q, s = quantize_int8(weight(8, 64))
     with pytest.raises(RuntimeError, match="x must be"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 _SRC = Path(__file__).with_name("cpu") / "matvec.cpp"
+_NAME = "dbrx_cpu_matvec"  # torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)
 BLOCK = 32  # activations per int8 block: the input dim must be a multiple of it
 # Narrower inputs stay on torch's kernels: at K = 64 (the demo's d_model) ours were 1.1-1.4x slower on the
 # 100352-row head, at K >= 1024 1.2-2.8x faster, at every M from 1 to 256 (BENCHMARKS.md, issue 11).
@@ -52,9 +54,11 @@ def kernels():
     if os.environ.get("DBRX_CPU_KERNELS", "1") == "0" or not _cpu_has_avx2():
         return None
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
-        return load(name="dbrx_cpu_matvec", sources=[str(_SRC)],
+        if not any(Path(_get_build_directory(_NAME, False)).glob("*.so")):
+            print("dbrx: building the CPU kernels (once; about a minute on 2 cores) ...", file=sys.stderr, flush=True)
+        return load(name=_NAME, sources=[str(_SRC)],
                     extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, no ninja, a read-only cache ...
         warnings.warn(f"dbrx's CPU kernels could not be built ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "

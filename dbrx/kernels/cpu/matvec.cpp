@@ -253,6 +253,7 @@ at::Tensor f32_linear(const at::Tensor& x_in, const at::Tensor& wt_in) {
   const int64_t chunks = std::max<int64_t>(1, at::get_num_threads());
   const int64_t step = ((N + chunks - 1) / chunks + 63) / 64 * 64;  // whole cache lines per slice
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    c10::InferenceMode guard;  // the workers lack the caller's mode: y may be an inference tensor
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t s = c * step, e = std::min(N, s + step);
       if (s >= e) continue;
