@@ -116,6 +116,19 @@ def test_f32_kernel_equals_torch_in_both_layouts(M):
         torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("M", [2, 3, 4, 7, 32])
+@pytest.mark.parametrize("K", [64, 100, 1024])  # 100: a tail that is not a whole 8-float vector
+def test_f32_rows_kernel_equals_torch(M, K):
+    w = torch.randn(300, K)
+    x = torch.randn(M, K)
+    ref = x.double() @ w.double().T
+    torch.testing.assert_close(cpu_matvec.matmul(x, w.T).double(), ref, rtol=1e-5, atol=1e-4)  # through f32_rows
+    torch.testing.assert_close(cpu_matvec.kernels().f32_rows(x, w).double(), ref, rtol=1e-5, atol=1e-4)
+    wide = torch.randn(300, K + 8)[:, :K]  # rows with a stride: still contiguous along K
+    torch.testing.assert_close(cpu_matvec.kernels().f32_rows(x, wide).double(), x.double() @ wide.double().T,
+                               rtol=1e-5, atol=1e-4)
+
+
 def test_f32_kernel_leaves_autograd_to_torch():
     w = torch.randn(50, 64, requires_grad=True)
     x = torch.randn(2, 64, requires_grad=True)
@@ -150,13 +163,12 @@ def test_kernels_compile_into_a_full_graph():
     wt = torch.randn(256, 300)
 
     def f(x):
-        return cpu_matvec.q8_linear(x, q8, s8) + cpu_matvec.q4_linear(x, q4, s4, z4, 64), cpu_matvec.matmul(x, wt)
+        return (cpu_matvec.q8_linear(x, q8, s8) + cpu_matvec.q4_linear(x, q4, s4, z4, 64), cpu_matvec.matmul(x, wt),
+                cpu_matvec.matmul(x, wt.T.contiguous().T))  # f32_linear, then f32_rows
 
     x = torch.randn(3, 256)
-    a, b = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
-    ea, eb = f(x)
-    torch.testing.assert_close(a, ea, rtol=0, atol=0)
-    torch.testing.assert_close(b, eb, rtol=0, atol=0)
+    for got, want in zip(torch.compile(f, fullgraph=True, backend="aot_eager")(x), f(x)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 # ---- the layers that use them ---------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """Our CPU kernels for products with few rows (decoding), compiled from `cpu/matvec.cpp` on first use.
 
-torch's CPU kernels for an (M, K) @ (K, N) product with few rows M run on one core, and its weight-only int8/int4
-kernels read the weights at 3-12 GB/s. These split the N outputs over torch's intra-op threads and, for int8 and
-int4 weights, take integer dot products against the activations quantized to int8 in blocks of 32 (one fp32
-scale per block, as llama.cpp does), accumulated in fp32:
+torch's CPU kernels (MKL) for an (M, K) @ (K, N) product with few rows M run on one core and reach a third of the
+core's peak at 4-32 rows, and its weight-only int8/int4 kernels read the weights at 3-12 GB/s. These split the N
+outputs over torch's intra-op threads; for int8 and int4 weights they write each block of 32 activations as two int8
+codes per element (x ~ d (254 hi + lo), about 15 bits) and take integer dot products (AVX2 maddubs), fp32 sums:
 
   q8_linear(x, q, scale)              int8 q (N, K), scale (N,) bf16 (dbrx.quant.formats, per output row)
   q4_linear(x, q, scale, zero, G)     the int4 checkpoint layout: q uint8 (N, K/2), scale and zero (N, K/G) bf16
+  f32_rows(x, w)                      fp32 w (N, K) with contiguous rows: AVX2 dot products, rows over threads
   f32_linear(x, wt)                   fp32 wt (K, N), any strides; torch's own matmul on each thread's columns
 
 Each returns fp32 (M, N). Under torch.compile they are custom ops (dbrx::...), opaque to the graph. They need an
@@ -34,7 +35,7 @@ BLOCK = 32  # activations per int8 block: the input dim must be a multiple of it
 # Narrower inputs stay on torch's kernels: at K = 64 (the demo's d_model) ours were 1.1-1.4x slower on the
 # 100352-row head, at K >= 1024 1.2-2.8x faster, at every M from 1 to 256 (BENCHMARKS.md, issue 11).
 MIN_QUANT_IN_FEATURES = 256
-MAX_F32_ROWS = 32  # fp32: up to this many rows (at 2 threads 1.0-1.6x torch at 1-32 rows; torch's own above)
+MAX_F32_ROWS = 32  # fp32: up to this many rows (torch's own above)
 MIN_F32_OUT = 256  # fp32: at least this many outputs (the router's 16 are not worth a parallel region)
 
 
@@ -71,16 +72,20 @@ def quant_fits(in_features: int) -> bool:
     return in_features % BLOCK == 0 and in_features >= MIN_QUANT_IN_FEATURES and kernels() is not None
 
 
-@torch.compiler.assume_constant_result  # a constant to torch.compile, not traced (no graph break)
-def _f32_enabled() -> bool:
-    """fp32: our kernel only pays with more than one thread (at one it is torch's own matmul)."""
-    return torch.get_num_threads() > 1 and kernels() is not None
+@torch.compiler.assume_constant_result  # constants to torch.compile, not traced (no graph break)
+def _available() -> bool:
+    return kernels() is not None
+
+
+@torch.compiler.assume_constant_result
+def _threaded() -> bool:
+    return torch.get_num_threads() > 1
 
 
 def _f32_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu"
             and w.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= MAX_F32_ROWS and w.shape[-1] >= MIN_F32_OUT
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and _f32_enabled())
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and _available())
 
 
 # ---- the ops: the extension's functions directly in eager mode (no dispatcher cost), custom ops under compile ----
@@ -97,6 +102,16 @@ def _q4_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Te
 @torch.library.custom_op("dbrx::f32_linear", mutates_args=())
 def _f32_op(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     return kernels().f32_linear(x, wt)
+
+
+@torch.library.custom_op("dbrx::f32_rows", mutates_args=())
+def _f32_rows_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return kernels().f32_rows(x, w)
+
+
+@_f32_rows_op.register_fake
+def _(x, w):
+    return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
 
 
 @_q8_op.register_fake
@@ -127,14 +142,24 @@ def q4_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch
 
 
 def matmul(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ wt (K, N): our threaded kernel for few fp32 rows at inference, else torch's."""
+    """x (M, K) @ wt (K, N) for few fp32 rows at inference on our kernels, else torch's matmul. 2-32 rows and wt
+    the transpose of a row-major W (N, K): dot products per row of W (f32_rows); one row, or another layout (a
+    column-major LM head), with more than one thread: torch's matmul on each thread's slice of the columns
+    (f32_linear). Measured (2-core AMD EPYC, BENCHMARKS.md): at 4-32 rows f32_rows is 1.6-6x torch's (MKL's) at
+    d_model 1024 and on a par at 64; at one row MKL streams a cold matrix faster than our dot products, and its
+    slices over two threads are 1.2-1.6x its own single-threaded product."""
     if not _f32_fits(x, wt):
         return x @ wt
-    return _f32_op(x, wt) if torch.compiler.is_compiling() else kernels().f32_linear(x, wt)
+    compiling = torch.compiler.is_compiling()
+    if wt.stride(0) == 1 and x.shape[0] > 1:  # W = wt.T has contiguous rows
+        return _f32_rows_op(x, wt.T) if compiling else kernels().f32_rows(x, wt.T)
+    if not _threaded():
+        return x @ wt
+    return _f32_op(x, wt) if compiling else kernels().f32_linear(x, wt)
 
 
 class MatvecLinear(nn.Linear):
-    """nn.Linear whose inference on few fp32 rows on the CPU runs `matmul` (the outputs over every thread);
+    """nn.Linear whose inference on few fp32 rows on the CPU runs `matmul` (our kernels, every thread);
     training, other dtypes and devices, and many rows go to F.linear. Same parameters and state dict."""
 
     @classmethod

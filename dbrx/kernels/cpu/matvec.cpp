@@ -242,6 +242,63 @@ at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Tens
   return y;
 }
 
+// One fp32 weight row against T activation rows (T <= TILE, unrolled), U accumulators per row
+template <int T, int U = (T == 1 ? 4 : 2)>
+inline void f32_tile(const float* w, const float* x, int64_t K, float* out, int64_t ldo) {
+  __m256 acc[U][T];
+  for (int u = 0; u < U; ++u)
+    for (int t = 0; t < T; ++t) acc[u][t] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 * U <= K; k += 8 * U) {
+    for (int u = 0; u < U; u += 2)  // every 64-byte line of the row ahead
+      _mm_prefetch(reinterpret_cast<const char*>(w + k + 8 * u) + PREFETCH, _MM_HINT_T0);
+    for (int u = 0; u < U; ++u) {
+      const __m256 wv = _mm256_loadu_ps(w + k + 8 * u);
+      for (int t = 0; t < T; ++t) acc[u][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * K + k + 8 * u), acc[u][t]);
+    }
+  }
+  for (; k + 8 <= K; k += 8) {
+    const __m256 wv = _mm256_loadu_ps(w + k);
+    for (int t = 0; t < T; ++t) acc[0][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * K + k), acc[0][t]);
+  }
+  for (int t = 0; t < T; ++t) {
+    __m256 sum = acc[0][t];
+    for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[u][t]);
+    float y = hsum(sum);
+    for (int64_t j = k; j < K; ++j) y += w[j] * x[t * K + j];
+    out[t * ldo] = y;
+  }
+}
+
+// x (M, K) fp32 @ W^T, W (N, K) fp32 row-major (contiguous rows) -> (M, N): dot products per row, rows over threads
+at::Tensor f32_rows(const at::Tensor& x_in, const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.stride(1) == 1, "w must be fp32 (N, K), rows "
+              "contiguous");
+  const int64_t N = w.size(0), K = w.size(1), ldw = w.stride(0);
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, "x must be (M, ", K, "), got ", x_in.sizes());
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t m0 = 0; m0 < M; m0 += TILE) {
+        const float* xm = xp + m0 * K;
+        float* out = yp + m0 * N + n;
+        switch (std::min(TILE, M - m0)) {
+          case 1: f32_tile<1>(wp + n * ldw, xm, K, out, N); break;
+          case 2: f32_tile<2>(wp + n * ldw, xm, K, out, N); break;
+          case 3: f32_tile<3>(wp + n * ldw, xm, K, out, N); break;
+          default: f32_tile<4>(wp + n * ldw, xm, K, out, N);
+        }
+      }
+    }
+  });
+  return y;
+}
+
 // x (M, K) fp32 @ wt (K, N) fp32 (any strides: a transposed row-major weight or a column-major one) -> (M, N),
 // each thread running torch's matmul on its own slice of the N columns
 at::Tensor f32_linear(const at::Tensor& x_in, const at::Tensor& wt_in) {
@@ -267,5 +324,6 @@ at::Tensor f32_linear(const at::Tensor& x_in, const at::Tensor& wt_in) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_linear", &q8_linear, "x (M, K) @ (q * scale)^T, int8 q (N, K)");
   m.def("q4_linear", &q4_linear, "x (M, K) @ ((q - 8) * scale + zero)^T, int4 file layout");
+  m.def("f32_rows", &f32_rows, "x (M, K) @ W^T, fp32 W (N, K) with contiguous rows");
   m.def("f32_linear", &f32_linear, "x (M, K) @ wt (K, N), output columns split over threads");
 }
