@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 _SRC = Path(__file__).with_name("cpu") / "matvec.cpp"
 _NAME = "dbrx_cpu_matvec"  # torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)
@@ -88,7 +89,12 @@ def _f32_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and _available())
 
 
-# ---- the ops: the extension's functions directly in eager mode (no dispatcher cost), custom ops under compile ----
+# ---- the ops: the extension's functions directly in eager mode (no dispatcher cost), custom ops under compile and
+# on fake or meta tensors (dbrx.memory's estimates trace a step on them)
+def _traced(x: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() or x.is_meta or isinstance(x, FakeTensor)
+
+
 @torch.library.custom_op("dbrx::q8_linear", mutates_args=())
 def _q8_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return kernels().q8_linear(x, q, scale)
@@ -131,12 +137,12 @@ def _(x, wt):
 
 def q8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (M, K) float @ (q * scale)^T -> (M, N) fp32."""
-    return _q8_op(x, q, scale) if torch.compiler.is_compiling() else kernels().q8_linear(x, q, scale)
+    return _q8_op(x, q, scale) if _traced(x) else kernels().q8_linear(x, q, scale)
 
 
 def q4_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
     """x (M, K) float @ ((codes - 8) * scale + zero)^T, the int4 checkpoint layout -> (M, N) fp32."""
-    if torch.compiler.is_compiling():
+    if _traced(x):
         return _q4_op(x, q, scale, zero, group)
     return kernels().q4_linear(x, q, scale, zero, group)
 
@@ -150,7 +156,7 @@ def matmul(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     slices over two threads are 1.2-1.6x its own single-threaded product."""
     if not _f32_fits(x, wt):
         return x @ wt
-    compiling = torch.compiler.is_compiling()
+    compiling = _traced(x)
     if wt.stride(0) == 1 and x.shape[0] > 1:  # W = wt.T has contiguous rows
         return _f32_rows_op(x, wt.T) if compiling else kernels().f32_rows(x, wt.T)
     if not _threaded():
