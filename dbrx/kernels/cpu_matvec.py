@@ -73,14 +73,20 @@ def quant_fits(in_features: int) -> bool:
     return in_features % BLOCK == 0 and in_features >= MIN_QUANT_IN_FEATURES and kernels() is not None
 
 
-@torch.compiler.assume_constant_result  # constants to torch.compile, not traced (no graph break)
+_FLAGS = {"available": False, "threaded": False}  # set by each eager call, read as constants under torch.compile
+# (a decorator such as torch.compiler.assume_constant_result would import torch._dynamo, and Triton, at import)
+
+
 def _available() -> bool:
-    return kernels() is not None
+    if not torch.compiler.is_compiling():
+        _FLAGS["available"] = kernels() is not None
+    return _FLAGS["available"]
 
 
-@torch.compiler.assume_constant_result
 def _threaded() -> bool:
-    return torch.get_num_threads() > 1
+    if not torch.compiler.is_compiling():
+        _FLAGS["threaded"] = torch.get_num_threads() > 1
+    return _FLAGS["threaded"]
 
 
 def _f32_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
