@@ -62,7 +62,8 @@ def main() -> None:
         if d % g == 0:
             models[f"int4 g{g}"] = quantize_model(copy.deepcopy(base), 4, g, targets)
     out = {}
-    for stream in map(Path, args.streams or sorted((Path.home() / ".cache/dbrx/prepared").glob("*-*"))):
+    for stream in map(Path, args.streams or sorted(p for p in (Path.home() / ".cache/dbrx/prepared").glob("*-*")
+                                             if not p.name.startswith("."))):
         ds = TokenDataset(stream)
         _, held = split_documents(ds.num_documents, 0.02, 0)
         packed = PackedSequences(ds, args.seq_len + 1, seed=0, documents=held)
