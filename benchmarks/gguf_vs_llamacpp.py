@@ -245,8 +245,7 @@ def _prepare(args, work: Path) -> tuple[Path, dict, dict]:
 
 def run(args, work: Path) -> dict:
     from dbrx.bench import compiled_decode_step
-    from dbrx.kernels.cpu_matvec import use_matvec_linears
-    from dbrx.loading import column_major_head
+    from dbrx.loading import cpu_decoding_layout
     from dbrx.quant import quantize_model
     from dbrx.tokenizer import get_tokenizer
 
@@ -287,8 +286,7 @@ def run(args, work: Path) -> dict:
 
         contenders["transformers fp32"] = theirs
         info["transformers fp32"] = dict(version=transformers.__version__)
-    column_major_head(fp32)  # as load_pretrained does on the CPU (after transformers got its own copy of the weights)
-    use_matvec_linears(fp32)
+    cpu_decoding_layout(fp32)  # as load_pretrained does on the CPU (after transformers got its own copy of the weights)
     for bits, group in ((8, None), (4, INT4_GROUP)):
         name = "dbrx int8" if bits == 8 else f"dbrx int4 g{INT4_GROUP}"
         q = quantize_model(_load_float(ckpt), bits, group, QUANT_TARGETS)

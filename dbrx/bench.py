@@ -29,8 +29,7 @@ import torch
 
 from .devices import parse_dtype, peak_flops, resolve_device
 from .hf_checkpoint import state_dict_to_transformers, transformers_config
-from .kernels.cpu_matvec import use_matvec_linears
-from .loading import column_major_head
+from .loading import cpu_decoding_layout
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -573,16 +572,14 @@ def run_decode_bench(
             check_device(dev)  # the CPU, or CUDA with Triton
             quantize_model(model, bits, group_size, quant_targets)
         spec = getattr(model, "quantization", None)
-        head_layout = "column-major" if column_major_head(model) else "as loaded"
-        matvec_linears = use_matvec_linears(model) if dev.type == "cpu" else 0
+        layout = cpu_decoding_layout(model)  # as load_pretrained does on the CPU
         report = dict(
             bench="decode", preset=None if model_dir else preset, overrides=overrides or {}, model=model_dir,
             dtype=str(torch_dtype).removeprefix("torch."), device=str(dev),
             device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             quantization=spec.to_json() if spec is not None else None, threads=torch.get_num_threads(),
             prompt_len=prompt_len, new_tokens=new_tokens, rounds=rounds, torch=torch.__version__,
-            date=datetime.date.today().isoformat(), loop="direct (contiguous KV cache)", head_layout=head_layout,
-            matvec_linears=matvec_linears,
+            date=datetime.date.today().isoformat(), loop="direct (contiguous KV cache)", **layout,
             compile=compile, results=[],
         )
         gen = torch.Generator().manual_seed(seed)

@@ -43,14 +43,21 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device | None =
         dev = resolve_device(device)
         torch_dtype = parse_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
         model = DbrxForCausalLM.from_pretrained(path, dtype=torch_dtype, device=dev, allow_nonfinite=allow_nonfinite)
-        column_major_head(model)
-        if dev.type == "cpu":
-            use_matvec_linears(model)  # few fp32 rows over every thread (dbrx.kernels.cpu_matvec)
+        cpu_decoding_layout(model)
     if adapter is not None:
         from .lora.peft_format import attach_factors
 
         attach_factors(model, factors if factors is not None else _read_adapter(path, adapter, model.config))
     return model.eval()
+
+
+def cpu_decoding_layout(model) -> dict:
+    """What load_pretrained does to a float model on the CPU, for callers that build theirs (benchmarks): the fp32
+    LM head column-major (`column_major_head`) and the Linear layers dbrx.kernels.cpu_matvec.MatvecLinear. Nothing
+    off the CPU. Returns {"head_layout": "column-major" | "as loaded", "matvec_linears": how many}."""
+    on_cpu = model.transformer.norm_f.weight.device.type == "cpu"
+    return {"head_layout": "column-major" if column_major_head(model) else "as loaded",
+            "matvec_linears": use_matvec_linears(model) if on_cpu else 0}
 
 
 def _read_adapter(path, adapter, cfg=None):
@@ -60,7 +67,7 @@ def _read_adapter(path, adapter, cfg=None):
     return read_peft(adapter, cfg or DbrxConfig.load(os.path.join(path, "config.json")))
 
 
-__all__ = ["load_pretrained", "column_major_head"]
+__all__ = ["load_pretrained", "column_major_head", "cpu_decoding_layout"]
 
 
 def column_major_head(model) -> bool:

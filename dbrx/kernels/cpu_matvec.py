@@ -160,8 +160,11 @@ def matmul(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     (f32_linear). Measured (2-core AMD EPYC, BENCHMARKS.md): at 4-32 rows f32_rows is 1.6-6x torch's (MKL's) at
     d_model 1024 and on a par at 64; at one row MKL streams a cold matrix faster than our dot products, and its
     slices over two threads are 1.2-1.6x its own single-threaded product."""
-    if not _f32_fits(x, wt):
-        return x @ wt
+    return _kernel_matmul(x, wt) if _f32_fits(x, wt) else x @ wt
+
+
+def _kernel_matmul(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """`matmul` once _f32_fits(x, wt) holds."""
     compiling = _traced(x)
     if wt.stride(0) == 1 and x.shape[0] > 1:  # W = wt.T has contiguous rows
         return _f32_rows_op(x, wt.T) if compiling else kernels().f32_rows(x, wt.T)
@@ -186,7 +189,7 @@ class MatvecLinear(nn.Linear):
         x2 = x.reshape(-1, self.in_features)  # (M, in)
         if self.bias is not None or not _f32_fits(x2, self.weight):
             return F.linear(x, self.weight, self.bias)
-        return matmul(x2, self.weight.T).view(*x.shape[:-1], self.out_features)
+        return _kernel_matmul(x2, self.weight.T).view(*x.shape[:-1], self.out_features)
 
 
 def use_matvec_linears(model: nn.Module) -> int:

@@ -7,6 +7,7 @@
 //   q8_linear  W int8 (N, K), scale (N,) bf16:                       w = q * scale
 //   q4_linear  W the int4 file layout (N, K/2) uint8, scale and zero (N, ng) bf16, groups of G inputs
 //              (the even input in the low nibble):                   w = (q - 8) * scale + zero
+//   f32_rows   W fp32 (N, K), rows contiguous: AVX2 dot products
 //   f32_linear W fp32, any strides (row- or column-major), through torch's own matmul per thread slice
 //
 // The quantized kernels write each block of 32 activations as two int8 codes per element, x ~ d * (R * hi + lo)
@@ -19,6 +20,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 #include <vector>
 
@@ -158,6 +160,21 @@ inline void q4_tile(const uint8_t* w, const at::BFloat16* sn, const at::BFloat16
   }
 }
 
+// tile(T, n, m0) for every output row n (rows split over torch's threads) and every tile of T <= TILE activation
+// rows from m0, T a compile-time constant (std::integral_constant) so that each tile kernel is unrolled
+template <class Tile>
+void for_row_tiles(int64_t N, int64_t M, Tile&& tile) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m0 = 0; m0 < M; m0 += TILE) switch (std::min(TILE, M - m0)) {
+          case 1: tile(std::integral_constant<int, 1>{}, n, m0); break;
+          case 2: tile(std::integral_constant<int, 2>{}, n, m0); break;
+          case 3: tile(std::integral_constant<int, 3>{}, n, m0); break;
+          default: tile(std::integral_constant<int, 4>{}, n, m0);
+        }
+  });
+}
+
 void check_x(const at::Tensor& x, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be (M, ", K, "), got ", x.sizes());
   TORCH_CHECK(K % QK == 0, "the input dim must be a multiple of 32, got ", K);
@@ -179,22 +196,9 @@ at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Tens
   float* yp = y.data_ptr<float>();
   const int8_t* qp = q.data_ptr<int8_t>();
   const at::BFloat16* sp = scale.data_ptr<at::BFloat16>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const float s = static_cast<float>(sp[n]);
-      for (int64_t m0 = 0; m0 < M; m0 += TILE) {
-        const int64_t T = std::min(TILE, M - m0);
-        const int8_t* xm = xq.data() + m0 * 2 * K;
-        const float* dm = d.data() + m0 * nb;
-        float* out = yp + m0 * N + n;
-        switch (T) {
-          case 1: q8_tile<1>(qp + n * K, xm, dm, K, nb, s, out, N); break;
-          case 2: q8_tile<2>(qp + n * K, xm, dm, K, nb, s, out, N); break;
-          case 3: q8_tile<3>(qp + n * K, xm, dm, K, nb, s, out, N); break;
-          default: q8_tile<4>(qp + n * K, xm, dm, K, nb, s, out, N);
-        }
-      }
-    }
+  for_row_tiles(N, M, [&](auto T, int64_t n, int64_t m0) {
+    q8_tile<decltype(T)::value>(qp + n * K, xq.data() + m0 * 2 * K, d.data() + m0 * nb, K, nb,
+                                static_cast<float>(sp[n]), yp + m0 * N + n, N);
   });
   return y;
 }
@@ -222,22 +226,9 @@ at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& q, const at::Tens
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const at::BFloat16* sp = scale.data_ptr<at::BFloat16>();
   const at::BFloat16* zp = zero.data_ptr<at::BFloat16>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t m0 = 0; m0 < M; m0 += TILE) {
-        const int64_t T = std::min(TILE, M - m0);
-        const int8_t* xm = xq.data() + m0 * 2 * K;
-        const float *dm = d.data() + m0 * nb, *xs = xsum.data() + m0 * ng;
-        const uint8_t* w = qp + n * (K / 2);
-        float* out = yp + m0 * N + n;
-        switch (T) {
-          case 1: q4_tile<1>(w, sp + n * ng, zp + n * ng, xm, dm, xs, K, nb, ng, group, out, N); break;
-          case 2: q4_tile<2>(w, sp + n * ng, zp + n * ng, xm, dm, xs, K, nb, ng, group, out, N); break;
-          case 3: q4_tile<3>(w, sp + n * ng, zp + n * ng, xm, dm, xs, K, nb, ng, group, out, N); break;
-          default: q4_tile<4>(w, sp + n * ng, zp + n * ng, xm, dm, xs, K, nb, ng, group, out, N);
-        }
-      }
-    }
+  for_row_tiles(N, M, [&](auto T, int64_t n, int64_t m0) {
+    q4_tile<decltype(T)::value>(qp + n * (K / 2), sp + n * ng, zp + n * ng, xq.data() + m0 * 2 * K, d.data() + m0 * nb,
+                                xsum.data() + m0 * ng, K, nb, ng, group, yp + m0 * N + n, N);
   });
   return y;
 }
@@ -282,19 +273,8 @@ at::Tensor f32_rows(const at::Tensor& x_in, const at::Tensor& w) {
   float* yp = y.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t m0 = 0; m0 < M; m0 += TILE) {
-        const float* xm = xp + m0 * K;
-        float* out = yp + m0 * N + n;
-        switch (std::min(TILE, M - m0)) {
-          case 1: f32_tile<1>(wp + n * ldw, xm, K, out, N); break;
-          case 2: f32_tile<2>(wp + n * ldw, xm, K, out, N); break;
-          case 3: f32_tile<3>(wp + n * ldw, xm, K, out, N); break;
-          default: f32_tile<4>(wp + n * ldw, xm, K, out, N);
-        }
-      }
-    }
+  for_row_tiles(N, M, [&](auto T, int64_t n, int64_t m0) {
+    f32_tile<decltype(T)::value>(wp + n * ldw, xp + m0 * K, K, yp + m0 * N + n, N);
   });
   return y;
 }
